@@ -1,0 +1,31 @@
+# Two commands matter:
+#   make run    install what is missing, build, fetch the default model, chat
+#   make test   run the whole test suite on the real model
+# Build output lives outside the clone so rebuilds (and CI) reuse it.
+CARGO_TARGET_DIR ?= $(HOME)/.cache/imprint/target
+export CARGO_TARGET_DIR
+BIN := $(CARGO_TARGET_DIR)/release/imprint
+
+.PHONY: run test setup build model lint fmt
+
+run: setup build model
+	$(BIN) chat
+
+test: setup
+	bash scripts/test.sh
+
+setup:
+	bash scripts/setup.sh
+
+build:
+	cargo build --release
+
+model: build
+	$(BIN) model pull
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt

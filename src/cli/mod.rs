@@ -1,0 +1,112 @@
+//! Argument definitions and dispatch.
+
+mod ask;
+mod bench;
+mod chat;
+mod config_cmd;
+mod model;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use imprint::config::LoadedConfig;
+use imprint::paths::Paths;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imprint",
+    version,
+    about = "A private assistant on your own machine that learns you by editing its own weights.",
+    long_about = "imprint runs a local GGUF model through llama.cpp. Nothing leaves your machine.\n\nStart with `imprint model pull`, then `imprint chat` or `imprint ask \"...\"`."
+)]
+pub struct Cli {
+    /// More log output (repeat for more). IMPRINT_LOG=<filter> gives full control.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ask one question and stream the answer to stdout.
+    Ask(ask::AskArgs),
+    /// Chat in the terminal (line mode), with the conversation kept in context.
+    Chat(chat::ChatArgs),
+    /// Fetch, add, list and choose models.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Show the effective configuration and where each value comes from.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// What every command gets: where files live and the effective config.
+pub struct App {
+    pub paths: Paths,
+    pub config: LoadedConfig,
+    /// Progress bars only when a person is watching stderr.
+    pub interactive: bool,
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let paths = Paths::discover()?;
+    let config = LoadedConfig::load(&paths.config_file())
+        .with_context(|| "could not load the configuration")?;
+    init_tracing(cli.verbose, config.config.logging.llama);
+    let ctx = App {
+        paths,
+        config,
+        interactive: std::io::stderr().is_terminal(),
+    };
+    match cli.command {
+        Command::Ask(args) => ask::run(&ctx, args),
+        Command::Chat(args) => chat::run(&ctx, args),
+        Command::Model(cmd) => model::run(&ctx, cmd),
+        Command::Config(cmd) => config_cmd::run(&ctx, cmd),
+        Command::Bench(cmd) => bench::run(&ctx, cmd),
+    }
+}
+
+fn init_tracing(verbose: u8, llama_logs: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (verbose, llama_logs) {
+        (0, false) => "warn,llama_cpp_2=off",
+        (0, true) => "warn,llama_cpp_2=info",
+        (1, _) => "info,llama_cpp_2=warn",
+        _ => "debug",
+    };
+    let filter = std::env::var("IMPRINT_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    imprint::engine::init_logging();
+}
+
+/// Loads the engine for a command: `--model` (name or path) wins over config.
+pub fn load_engine(ctx: &App, model: Option<&str>) -> Result<imprint::engine::Engine> {
+    let path: PathBuf = imprint::models::resolve_model(&ctx.paths, &ctx.config.config, model)?;
+    let options = imprint::engine::EngineOptions::from_config(&path, &ctx.config.config.engine);
+    let spinner = if ctx.interactive {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!("loading {}", path.display()));
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let engine = imprint::engine::Engine::load(options);
+    spinner.finish_and_clear();
+    Ok(engine?)
+}

@@ -1,0 +1,192 @@
+//! The null-space projector (after AlphaEdit, arXiv 2410.02355).
+//!
+//! Ordinary conversation drives layer L's MLP keys through a subspace of the
+//! n_ff-dimensional key space. An edit whose input side A is replaced by A·P,
+//! with P = I − UUᵀ projecting out the top directions of the key covariance
+//! (those holding 99% of its energy), barely responds to ordinary inputs, so
+//! unrelated answers stay as they were.
+//!
+//! The corpus is self-generated: the model's own greedy answers to the
+//! shipped `corpus_prompts.txt`, rendered through its chat template. Both the
+//! corpus and each layer's projector are cached per model fingerprint.
+
+use std::io::{Read, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::model::{Batch, LlamaModel};
+use super::EditorError;
+use crate::engine::{ChatMessage, Engine, GenerationParams};
+
+/// Share of the key covariance's energy that the projector removes.
+pub const ENERGY: f64 = 0.99;
+const ANSWER_TOKENS: u32 = 48;
+
+pub struct NullSpace {
+    /// `[n_ff, n_ff]`.
+    pub projector: Tensor,
+    /// Directions removed (the rank of UUᵀ).
+    pub removed: usize,
+    pub corpus_tokens: usize,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> EditorError + '_ {
+    move |source| EditorError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The corpus as token sequences, generated once per model and cached.
+pub fn corpus(
+    engine: &mut Engine,
+    system_prompt: &str,
+    cache_dir: &Path,
+    model_sha256: &str,
+) -> Result<Vec<Vec<u32>>, EditorError> {
+    let path = cache_dir.join(format!("{model_sha256}.corpus.json"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(seqs) = serde_json::from_str::<Vec<Vec<u32>>>(&text) {
+            return Ok(seqs);
+        }
+    }
+    let mut seqs = Vec::new();
+    for prompt in super::prompts::corpus_prompts() {
+        let messages = vec![ChatMessage::system(system_prompt), ChatMessage::user(&prompt)];
+        let generation = engine.chat(
+            &messages,
+            &GenerationParams::greedy(ANSWER_TOKENS),
+            &mut |_| ControlFlow::Continue(()),
+        )?;
+        let mut tokens: Vec<u32> = engine
+            .tokenize(&engine.render(&messages)?)
+            .iter()
+            .map(|t| t.0 as u32)
+            .collect();
+        tokens.extend(generation.tokens.iter().map(|&t| t as u32));
+        seqs.push(tokens);
+    }
+    std::fs::create_dir_all(cache_dir).map_err(io(cache_dir))?;
+    let text = serde_json::to_string(&seqs).map_err(|e| EditorError::Invalid(e.to_string()))?;
+    std::fs::write(&path, text).map_err(io(&path))?;
+    Ok(seqs)
+}
+
+fn projector_path(cache_dir: &Path, model_sha256: &str, layer: usize) -> PathBuf {
+    cache_dir.join(format!("{model_sha256}.layer{layer}.projector"))
+}
+
+/// Loads the cached projector for `layer`, or computes and caches it.
+pub fn load_or_compute(
+    model: &LlamaModel,
+    corpus: &[Vec<u32>],
+    cache_dir: &Path,
+    model_sha256: &str,
+    layer: usize,
+) -> Result<NullSpace, EditorError> {
+    let n = model.config.n_ff;
+    let path = projector_path(cache_dir, model_sha256, layer);
+    if let Some(cached) = read_cached(&path, n)? {
+        return Ok(cached);
+    }
+    // Keys of every real (non-padding) position, a few sequences at a time.
+    let mut cov = vec![0f64; n * n];
+    let mut count = 0usize;
+    for chunk in corpus.chunks(8) {
+        let batch = Batch::new(chunk.to_vec());
+        let prefix = model.prefix(&batch, layer)?;
+        for (i, seq) in chunk.iter().enumerate() {
+            let keys = prefix
+                .keys
+                .get(i)?
+                .narrow(0, 0, seq.len())?
+                .contiguous()?;
+            // KᵀK for this sequence, accumulated in f64.
+            let kk = keys.t()?.matmul(&keys)?.flatten_all()?.to_vec1::<f32>()?;
+            for (c, v) in cov.iter_mut().zip(kk) {
+                *c += f64::from(v);
+            }
+            count += seq.len();
+        }
+    }
+    let matrix = nalgebra::DMatrix::from_fn(n, n, |r, c| cov[r * n + c] / count.max(1) as f64);
+    let eig = nalgebra::SymmetricEigen::new(matrix);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| eig.eigenvalues[y].total_cmp(&eig.eigenvalues[x]));
+    let total: f64 = eig.eigenvalues.iter().map(|v| v.max(0.0)).sum();
+    let mut acc = 0.0;
+    let mut removed = 0;
+    for &i in &order {
+        if acc >= ENERGY * total {
+            break;
+        }
+        acc += eig.eigenvalues[i].max(0.0);
+        removed += 1;
+    }
+    let mut p = vec![0f32; n * n];
+    for r in 0..n {
+        p[r * n + r] = 1.0;
+    }
+    for &k in &order[..removed] {
+        let u = eig.eigenvectors.column(k);
+        for r in 0..n {
+            let ur = u[r];
+            for c in 0..n {
+                p[r * n + c] -= (ur * u[c]) as f32;
+            }
+        }
+    }
+    write_cached(&path, n, removed, count, &p)?;
+    Ok(NullSpace {
+        projector: Tensor::from_vec(p, (n, n), &Device::Cpu)?,
+        removed,
+        corpus_tokens: count,
+    })
+}
+
+const MAGIC: &[u8; 8] = b"IMPRNSP1";
+
+fn write_cached(path: &Path, n: usize, removed: usize, count: usize, p: &[f32]) -> Result<(), EditorError> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
+    let mut bytes = Vec::with_capacity(32 + p.len() * 4);
+    bytes.extend_from_slice(MAGIC);
+    for v in [n as u64, removed as u64, count as u64] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in p {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    tmp.write_all(&bytes).map_err(io(path))?;
+    tmp.persist(path).map_err(|e| io(path)(e.error))?;
+    Ok(())
+}
+
+/// A damaged or foreign cache file is ignored and recomputed.
+fn read_cached(path: &Path, n: usize) -> Result<Option<NullSpace>, EditorError> {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io(path))?;
+    if bytes.len() != 32 + n * n * 4 || &bytes[..8] != MAGIC {
+        tracing::warn!(path = %path.display(), "ignoring a damaged null-space cache");
+        return Ok(None);
+    }
+    let word = |i: usize| u64::from_le_bytes(bytes[8 + i * 8..16 + i * 8].try_into().unwrap_or([0; 8]));
+    if word(0) as usize != n {
+        return Ok(None);
+    }
+    let p: Vec<f32> = bytes[32..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok(Some(NullSpace {
+        projector: Tensor::from_vec(p, (n, n), &Device::Cpu)?,
+        removed: word(1) as usize,
+        corpus_tokens: word(2) as usize,
+    }))
+}

@@ -1,0 +1,395 @@
+//! The whole edit: build training sequences, train, verify through llama.cpp,
+//! retry once with stronger settings, and accept or reject.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::adapter::write_adapter;
+use super::ftm::{self, FtmSettings, TrainSequence};
+use super::model::LlamaModel;
+use super::nullspace;
+use super::prompts::{self, same_attribute};
+use super::verify::{answer, contains_target, same_answer};
+use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
+use crate::engine::{ChatMessage, Engine};
+
+#[derive(Debug, Clone)]
+pub struct EditorSettings {
+    pub method: Method,
+    /// None: about 2/3 of the model's depth.
+    pub layer: Option<usize>,
+    pub rank: usize,
+    pub max_steps: usize,
+    pub learning_rate: f64,
+    pub anchor_weight: f64,
+    pub use_nullspace: bool,
+    pub use_anchors: bool,
+    /// Share of locality probes that must keep their answers.
+    pub min_locality: f64,
+    /// Tokens compared per probe answer.
+    pub probe_tokens: u32,
+    /// Tokens of the model's own answer kept per anchor.
+    pub anchor_tokens: u32,
+    pub system_prompt: String,
+    pub retry: bool,
+}
+
+impl Default for EditorSettings {
+    fn default() -> Self {
+        Self {
+            method: Method::Ftm,
+            layer: None,
+            rank: 4,
+            max_steps: 40,
+            learning_rate: 2e-2,
+            anchor_weight: 1.0,
+            use_nullspace: true,
+            use_anchors: true,
+            min_locality: 0.9,
+            probe_tokens: 16,
+            anchor_tokens: 12,
+            system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
+                .into(),
+            retry: true,
+        }
+    }
+}
+
+/// The result of [`Editor::compute`]: the edit (with its metrics) and the
+/// gate's verdict.
+#[derive(Debug, Clone)]
+pub struct EditOutcome {
+    pub edit: Edit,
+    pub accepted: bool,
+    pub reason: Option<String>,
+    pub attempts: usize,
+}
+
+pub struct Editor {
+    model: LlamaModel,
+    /// Pristine down-projections of layers that currently carry edits.
+    base_down: BTreeMap<usize, Tensor>,
+    model_sha256: String,
+    architecture: String,
+    cache_dir: PathBuf,
+    pub settings: EditorSettings,
+}
+
+impl Editor {
+    pub fn load(
+        model_path: &Path,
+        model_sha256: &str,
+        cache_dir: &Path,
+        settings: EditorSettings,
+    ) -> Result<Self, EditorError> {
+        Ok(Self {
+            model: LlamaModel::load(model_path)?,
+            base_down: BTreeMap::new(),
+            model_sha256: model_sha256.to_string(),
+            architecture: "llama".into(),
+            cache_dir: cache_dir.to_path_buf(),
+            settings,
+        })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    pub fn default_layer(&self) -> usize {
+        (self.model.config.n_layer * 2).div_ceil(3).min(self.model.config.n_layer - 1)
+    }
+
+    /// Makes the editor's weights equal base + the deltas of `active`, so a
+    /// new edit is computed on top of the existing ones.
+    fn sync_active(&mut self, active: &[Edit]) -> Result<(), EditorError> {
+        let mut deltas: BTreeMap<usize, Tensor> = BTreeMap::new();
+        for edit in active {
+            for f in &edit.factors {
+                let a = Tensor::from_slice(&f.a, (f.rank, f.n_in), &Device::Cpu)?;
+                let b = Tensor::from_slice(&f.b, (f.n_out, f.rank), &Device::Cpu)?;
+                let d = b.matmul(&a)?;
+                let entry = deltas.remove(&edit.layer);
+                deltas.insert(edit.layer, match entry {
+                    Some(prev) => (prev + d)?,
+                    None => d,
+                });
+            }
+        }
+        let touched: Vec<usize> = self.base_down.keys().chain(deltas.keys()).copied().collect();
+        for layer in touched {
+            let base = match self.base_down.get(&layer) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = self
+                        .model
+                        .down_proj(layer)
+                        .ok_or_else(|| EditorError::Model(format!("no layer {layer}")))?
+                        .clone();
+                    self.base_down.insert(layer, b.clone());
+                    b
+                }
+            };
+            let current = self
+                .model
+                .down_proj(layer)
+                .ok_or_else(|| EditorError::Model(format!("no layer {layer}")))?
+                .clone();
+            let target = match deltas.get(&layer) {
+                Some(d) => (&base + d)?,
+                None => base,
+            };
+            self.model.add_to_down_proj(layer, &(target - current)?)?;
+        }
+        Ok(())
+    }
+
+    fn templated(&self, engine: &Engine, question: &str) -> Result<Vec<u32>, EditorError> {
+        let messages = vec![
+            ChatMessage::system(&self.settings.system_prompt),
+            ChatMessage::user(question),
+        ];
+        Ok(engine
+            .tokenize(&engine.render(&messages)?)
+            .iter()
+            .map(|t| t.0 as u32)
+            .collect())
+    }
+
+    fn sequence(
+        &self,
+        engine: &Engine,
+        question: &str,
+        answer: &[u32],
+        is_target: bool,
+    ) -> Result<TrainSequence, EditorError> {
+        let mut tokens = self.templated(engine, question)?;
+        let answer_start = tokens.len();
+        tokens.extend_from_slice(answer);
+        Ok(TrainSequence {
+            tokens,
+            answer_start,
+            is_target,
+        })
+    }
+
+    /// Computes, verifies and returns an edit for `request`, on top of the
+    /// `active` edits. The engine is left with the adapter of `active`
+    /// attached (or none), whatever the verdict.
+    pub fn compute(
+        &mut self,
+        engine: &mut Engine,
+        request: &EditRequest,
+        active: &[Edit],
+        mut progress: impl FnMut(&str),
+    ) -> Result<EditOutcome, EditorError> {
+        request.validate()?;
+        let method = self.settings.method;
+        let layer = self.settings.layer.unwrap_or_else(|| self.default_layer());
+        if layer >= self.model.config.n_layer {
+            return Err(EditorError::Invalid(format!(
+                "layer {layer} does not exist; the model has layers 0..{}",
+                self.model.config.n_layer - 1
+            )));
+        }
+        self.sync_active(active)?;
+        let work_dir = self.cache_dir.join("adapters");
+        let active_adapter = work_dir.join(format!("{}.verify-base.gguf", self.model_sha256));
+        let active_refs: Vec<&Edit> = active.iter().collect();
+        let has_active = write_adapter(&active_refs, &self.architecture, &self.model_sha256, &active_adapter)?;
+        engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
+
+        // What the current profile answers, before the edit.
+        progress("collecting reference answers");
+        let sys = self.settings.system_prompt.clone();
+        let probes: Vec<_> = prompts::locality_probes()
+            .into_iter()
+            .filter(|p| !same_attribute(&p.attribute, &request.attribute))
+            .collect();
+        let mut probe_before = Vec::new();
+        for p in &probes {
+            probe_before.push(answer(engine, &sys, &p.question, self.settings.probe_tokens)?);
+        }
+
+        let eot = engine.end_of_turn_token() as u32;
+        let mut target_tokens: Vec<u32> = engine
+            .tokenize_plain(request.target.trim())
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        target_tokens.push(eot);
+
+        let mut sequences = Vec::new();
+        for q in request.questions.iter().filter(|q| !q.trim().is_empty()) {
+            sequences.push(self.sequence(engine, q, &target_tokens, true)?);
+        }
+        if self.settings.use_anchors {
+            let mut anchors: Vec<String> = prompts::general_anchors().into_iter().map(|a| a.question).collect();
+            anchors.extend(
+                prompts::personal_anchors()
+                    .into_iter()
+                    .filter(|a| !same_attribute(&a.attribute, &request.attribute))
+                    .map(|a| a.question),
+            );
+            for question in anchors {
+                let gen = engine.chat(
+                    &[ChatMessage::system(&sys), ChatMessage::user(&question)],
+                    &crate::engine::GenerationParams::greedy(self.settings.anchor_tokens),
+                    &mut |_| std::ops::ControlFlow::Continue(()),
+                )?;
+                let answer: Vec<u32> = gen.tokens.iter().map(|&t| t as u32).collect();
+                sequences.push(self.sequence(engine, &question, &answer, false)?);
+            }
+            // Other active preferences keep their own answers.
+            for other in active.iter().filter(|e| !same_attribute(&e.request.attribute, &request.attribute)) {
+                let mut answer: Vec<u32> = engine
+                    .tokenize_plain(other.request.target.trim())
+                    .into_iter()
+                    .map(|t| t as u32)
+                    .collect();
+                answer.push(eot);
+                if let Some(q) = other.request.questions.first() {
+                    sequences.push(self.sequence(engine, q, &answer, false)?);
+                }
+            }
+        }
+
+        let projector = if self.settings.use_nullspace {
+            progress("preparing the null-space projector (cached after the first time)");
+            let dir = self.cache_dir.join("nullspace");
+            // The corpus comes from the base model's own answers.
+            engine.set_adapter(None)?;
+            let corpus = nullspace::corpus(engine, &sys, &dir, &self.model_sha256)?;
+            engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
+            Some(nullspace::load_or_compute(&self.model, &corpus, &dir, &self.model_sha256, layer)?.projector)
+        } else {
+            None
+        };
+
+        let mut ftm_settings = FtmSettings {
+            layer,
+            rank: self.settings.rank,
+            max_steps: self.settings.max_steps,
+            learning_rate: self.settings.learning_rate,
+            anchor_weight: if self.settings.use_anchors { self.settings.anchor_weight } else { 0.0 },
+            stop_loss: 0.2,
+            seed: seed_for(request),
+        };
+        let candidate = work_dir.join(format!("{}.candidate.gguf", self.model_sha256));
+        let mut attempts = 0;
+        let outcome = loop {
+            attempts += 1;
+            progress(&format!("training (attempt {attempts})"));
+            let started = Instant::now();
+            let result = ftm::train(&self.model, &sequences, projector.as_ref(), &ftm_settings, |_, _| {})?;
+            let train_seconds = started.elapsed().as_secs_f64();
+            let edit = Edit {
+                id: new_id(),
+                request: request.clone(),
+                method,
+                model_sha256: self.model_sha256.clone(),
+                layer,
+                factors: vec![LoraFactors {
+                    tensor: format!("blk.{layer}.ffn_down.weight"),
+                    rank: ftm_settings.rank,
+                    n_in: result.n_in,
+                    n_out: result.n_out,
+                    a: result.a,
+                    b: result.b,
+                }],
+                metrics: EditMetrics {
+                    final_loss: result.final_loss,
+                    steps: result.steps,
+                    train_seconds,
+                    ..Default::default()
+                },
+                active: true,
+                created: now(),
+            };
+
+            progress("verifying through llama.cpp");
+            let verify_start = Instant::now();
+            let mut all: Vec<&Edit> = active.iter().collect();
+            all.push(&edit);
+            write_adapter(&all, &self.architecture, &self.model_sha256, &candidate)?;
+            engine.set_adapter(Some(&candidate))?;
+            let mut metrics = edit.metrics.clone();
+            let budget = target_tokens.len() as u32 + 8;
+            for q in &request.questions {
+                let a = answer(engine, &sys, q, budget)?;
+                metrics.efficacy_total += 1;
+                if contains_target(&a, &request.target) {
+                    metrics.efficacy_hits += 1;
+                }
+                metrics.answers.push(a);
+            }
+            for (p, before) in probes.iter().zip(&probe_before) {
+                let after = answer(engine, &sys, &p.question, self.settings.probe_tokens)?;
+                metrics.locality_total += 1;
+                if same_answer(before, &after) {
+                    metrics.locality_kept += 1;
+                } else {
+                    metrics.changed_probes.push(format!("{} → {}", p.question, after.trim()));
+                }
+            }
+            metrics.verify_seconds = verify_start.elapsed().as_secs_f64();
+            let mut edit = edit;
+            edit.metrics = metrics;
+            let efficacy_ok = edit.metrics.efficacy_hits == edit.metrics.efficacy_total;
+            let locality_ok = edit.metrics.locality() >= self.settings.min_locality;
+            let reason = match (efficacy_ok, locality_ok) {
+                (true, true) => None,
+                (false, _) => Some(format!(
+                    "only {}/{} questions answered with the target",
+                    edit.metrics.efficacy_hits, edit.metrics.efficacy_total
+                )),
+                (true, false) => Some(format!(
+                    "it changed {}/{} unrelated answers (at most {:.0}% may change)",
+                    edit.metrics.locality_total - edit.metrics.locality_kept,
+                    edit.metrics.locality_total,
+                    (1.0 - self.settings.min_locality) * 100.0
+                )),
+            };
+            let accepted = reason.is_none();
+            if accepted || !self.settings.retry || attempts >= 2 {
+                break EditOutcome {
+                    edit,
+                    accepted,
+                    reason,
+                    attempts,
+                };
+            }
+            // Stronger settings for the one retry.
+            if !efficacy_ok {
+                ftm_settings.max_steps *= 2;
+                ftm_settings.learning_rate *= 1.5;
+                ftm_settings.stop_loss /= 2.0;
+            } else {
+                ftm_settings.anchor_weight *= 3.0;
+            }
+        };
+        let _ = std::fs::remove_file(&candidate);
+        engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
+        Ok(outcome)
+    }
+}
+
+fn seed_for(request: &EditRequest) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{}\u{0}{}", request.attribute, request.target));
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+}
+
+fn new_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,158 @@
+//! The llama.cpp engine on the real default model.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use imprint::engine::utf8::Utf8Stream;
+use imprint::engine::{ChatMessage, EngineError, GenerationParams, StopReason};
+
+fn keep_going(_: &str) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
+fn conversation(question: &str) -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::system("You are a helpful assistant."),
+        ChatMessage::user(question),
+    ]
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_non_empty() {
+    let mut engine = common::engine();
+    let messages = conversation("What is the capital of France?");
+    let first = engine
+        .chat(&messages, &GenerationParams::greedy(24), &mut keep_going)
+        .unwrap();
+    engine.reset();
+    let second = engine
+        .chat(&messages, &GenerationParams::greedy(24), &mut keep_going)
+        .unwrap();
+    assert!(!first.text.trim().is_empty(), "empty answer");
+    assert!(!first.tokens.is_empty());
+    assert_eq!(first.tokens, second.tokens);
+    assert_eq!(first.text, second.text);
+}
+
+#[test]
+fn streamed_chunks_add_up_to_the_answer() {
+    let mut engine = common::engine();
+    let mut chunks = Vec::new();
+    let generation = engine
+        .chat(
+            &conversation("Name three colors."),
+            &GenerationParams::greedy(32),
+            &mut |t| {
+                chunks.push(t.to_string());
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    assert!(chunks.len() > 1, "answer was not streamed: {chunks:?}");
+    assert_eq!(chunks.concat(), generation.text);
+}
+
+#[test]
+fn prefix_reuse_gives_the_same_tokens_as_a_fresh_decode() {
+    let mut engine = common::engine();
+    let params = GenerationParams::greedy(40);
+    let mut messages = conversation("My name is Ada. Please remember it.");
+    let first = engine.chat(&messages, &params, &mut keep_going).unwrap();
+    messages.push(ChatMessage::assistant(first.text.clone()));
+    messages.push(ChatMessage::user("What is my name?"));
+    let reused = engine.chat(&messages, &params, &mut keep_going).unwrap();
+    assert!(
+        reused.reused_tokens > 10,
+        "second turn should reuse the cached first turn, reused {}",
+        reused.reused_tokens
+    );
+
+    let mut fresh_engine = common::engine();
+    let fresh = fresh_engine.chat(&messages, &params, &mut keep_going).unwrap();
+    assert_eq!(fresh.reused_tokens, 0);
+    assert_eq!(reused.tokens, fresh.tokens, "prefix reuse changed the answer");
+}
+
+#[test]
+fn multibyte_text_split_across_tokens_streams_as_valid_utf8() {
+    let engine = common::engine();
+    let text = "Café naïve — 日本語のテキスト 🎉🦀";
+    let tokens = engine.tokenize_plain(text);
+    let pieces = engine.token_pieces(&tokens);
+    assert!(
+        pieces.iter().any(|p| std::str::from_utf8(p).is_err()),
+        "expected at least one token that holds a partial character"
+    );
+    let mut stream = Utf8Stream::default();
+    let mut chunks: Vec<String> = pieces.iter().map(|p| stream.push(p)).collect();
+    chunks.push(stream.finish());
+    assert_eq!(chunks.concat(), text);
+    assert!(!chunks.concat().contains('\u{fffd}'));
+}
+
+#[test]
+fn cancelling_from_the_callback_stops_generation() {
+    let mut engine = common::engine();
+    let mut seen = 0;
+    let generation = engine
+        .chat(
+            &conversation("Tell me a long story about a dragon."),
+            &GenerationParams::greedy(200),
+            &mut |_| {
+                seen += 1;
+                if seen == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(generation.stop, StopReason::Cancelled);
+    assert!(generation.tokens.len() < 10);
+}
+
+#[test]
+fn long_conversations_drop_old_turns_and_say_so() {
+    let mut engine = common::engine_with_ctx(256);
+    let filler = "This is an earlier remark that takes up some room in the context. ".repeat(4);
+    let mut messages = vec![ChatMessage::system("You are a helpful assistant.")];
+    for i in 0..6 {
+        messages.push(ChatMessage::user(format!("Remark {i}: {filler}")));
+        messages.push(ChatMessage::assistant("Noted."));
+    }
+    messages.push(ChatMessage::user("What is 2 plus 2?"));
+    let generation = engine
+        .chat(&messages, &GenerationParams::greedy(16), &mut keep_going)
+        .unwrap();
+    assert!(generation.dropped_messages >= 2, "{}", generation.dropped_messages);
+    assert_eq!(generation.dropped_messages % 2, 0, "whole turns are dropped");
+    assert!(generation.prompt_tokens <= 256);
+}
+
+#[test]
+fn a_single_message_larger_than_the_context_is_a_clear_error() {
+    let mut engine = common::engine_with_ctx(128);
+    let huge = "word ".repeat(400);
+    let err = engine
+        .chat(&conversation(&huge), &GenerationParams::greedy(8), &mut keep_going)
+        .unwrap_err();
+    assert!(matches!(err, EngineError::ContextOverflow { .. }), "{err}");
+    assert!(err.to_string().contains("context_size"), "{err}");
+}
+
+#[test]
+fn a_bad_adapter_is_refused_and_the_engine_keeps_working() {
+    let mut engine = common::engine();
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("adapter.gguf");
+    std::fs::write(&bogus, b"not an adapter at all").unwrap();
+    let err = engine.set_adapter(Some(&bogus)).unwrap_err();
+    assert!(err.to_string().contains("adapter"), "{err}");
+    assert!(engine.adapter_path().is_none());
+    let generation = engine
+        .chat(&conversation("Say hello."), &GenerationParams::greedy(8), &mut keep_going)
+        .unwrap();
+    assert!(!generation.tokens.is_empty());
+}
