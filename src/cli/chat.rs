@@ -17,6 +17,9 @@ pub struct ChatArgs {
     /// A model name from `imprint model list`, or a path to a GGUF file.
     #[arg(long)]
     model: Option<String>,
+    /// Answer with the base model, ignoring your edits.
+    #[arg(long)]
+    no_profile: bool,
     /// System prompt (default: [generation] system_prompt).
     #[arg(long)]
     system: Option<String>,
@@ -27,12 +30,16 @@ pub struct ChatArgs {
 
 pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
     let gen = &app.config.config.generation;
-    let mut engine = super::load_engine(app, args.model.as_deref())?;
+    let mut engine = super::load_engine(app, args.model.as_deref(), !args.no_profile)?;
     let system = ChatMessage::system(args.system.unwrap_or_else(|| gen.system_prompt.clone()));
     let mut messages = vec![system.clone()];
     let params = GenerationParams {
         max_tokens: gen.max_tokens,
-        sampling: if args.greedy { Sampling::Greedy } else { Sampling::from_config(gen) },
+        sampling: if args.greedy {
+            Sampling::Greedy
+        } else {
+            Sampling::from_config(gen)
+        },
     };
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {

@@ -4,6 +4,7 @@ mod ask;
 mod bench;
 mod chat;
 mod config_cmd;
+mod edit;
 mod model;
 
 use std::io::IsTerminal;
@@ -43,6 +44,8 @@ enum Command {
     /// Show the effective configuration and where each value comes from.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    /// Teach the model a preference by editing its weights; list or remove edits.
+    Edit(edit::EditArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -71,6 +74,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Chat(args) => chat::run(&ctx, args),
         Command::Model(cmd) => model::run(&ctx, cmd),
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
+        Command::Edit(args) => edit::run(&ctx, args),
         Command::Bench(cmd) => bench::run(&ctx, cmd),
     }
 }
@@ -95,7 +99,11 @@ fn init_tracing(verbose: u8, llama_logs: bool) {
 }
 
 /// Loads the engine for a command: `--model` (name or path) wins over config.
-pub fn load_engine(ctx: &App, model: Option<&str>) -> Result<imprint::engine::Engine> {
+pub fn load_engine(
+    ctx: &App,
+    model: Option<&str>,
+    personalized: bool,
+) -> Result<imprint::engine::Engine> {
     let path: PathBuf = imprint::models::resolve_model(&ctx.paths, &ctx.config.config, model)?;
     let options = imprint::engine::EngineOptions::from_config(&path, &ctx.config.config.engine);
     let spinner = if ctx.interactive {
@@ -108,5 +116,28 @@ pub fn load_engine(ctx: &App, model: Option<&str>) -> Result<imprint::engine::En
     };
     let engine = imprint::engine::Engine::load(options);
     spinner.finish_and_clear();
-    Ok(engine?)
+    let mut engine = engine?;
+    if personalized {
+        attach_active_edits(ctx, &mut engine)?;
+    }
+    Ok(engine)
+}
+
+/// Attaches the adapter of the active edits computed for this model, if any.
+pub fn attach_active_edits(ctx: &App, engine: &mut imprint::engine::Engine) -> Result<usize> {
+    use imprint::editor::store::{rebuild_adapter, EditStore};
+    let sha = imprint::models::fingerprint(&ctx.paths, &engine.options().model_path)?;
+    let store = EditStore::new(&ctx.paths.data_dir);
+    let active = store.active_for(&sha)?.len();
+    let adapter = rebuild_adapter(
+        &store,
+        &ctx.paths.cache_dir,
+        &sha,
+        &engine.summary().architecture,
+    )?;
+    if let Some(path) = &adapter {
+        imprint::editor::adapter::check_adapter(path, &engine.summary().architecture, &sha)?;
+    }
+    engine.set_adapter(adapter.as_deref())?;
+    Ok(active)
 }

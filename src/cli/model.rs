@@ -48,7 +48,12 @@ pub fn run(app: &App, cmd: ModelCommand) -> Result<ExitCode> {
                 Some(n) => catalog.get(n).with_context(|| {
                     format!(
                         "no known model called {n:?}; known: {}",
-                        catalog.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                        catalog
+                            .models
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )
                 })?,
                 None => catalog.default_model(),
@@ -60,10 +65,20 @@ pub fn run(app: &App, cmd: ModelCommand) -> Result<ExitCode> {
             };
             match pull(&app.paths, model, &options)? {
                 PullOutcome::AlreadyPresent(m) => {
-                    println!("{} is already present at {} (checksum verified).", m.name, m.path.display())
+                    println!(
+                        "{} is already present at {} (checksum verified).",
+                        m.name,
+                        m.path.display()
+                    )
                 }
                 PullOutcome::Fetched(m) => {
-                    println!("Fetched {} ({} bytes, sha256 {}) to {}.", m.name, m.size, m.sha256, m.path.display())
+                    println!(
+                        "Fetched {} ({} bytes, sha256 {}) to {}.",
+                        m.name,
+                        m.size,
+                        m.sha256,
+                        m.path.display()
+                    )
                 }
             }
         }
@@ -99,8 +114,16 @@ pub fn run(app: &App, cmd: ModelCommand) -> Result<ExitCode> {
                 println!("No models yet. `imprint model pull` fetches the default one.");
             }
             for m in &registry.models {
-                let mark = if registry.current.as_deref() == Some(&m.name) { "*" } else { " " };
-                let missing = if m.path.exists() { "" } else { "  (file missing!)" };
+                let mark = if registry.current.as_deref() == Some(&m.name) {
+                    "*"
+                } else {
+                    " "
+                };
+                let missing = if m.path.exists() {
+                    ""
+                } else {
+                    "  (file missing!)"
+                };
                 println!(
                     "{mark} {:<32} {:>7.1} MB  {} x{}  {}{missing}",
                     m.name,
@@ -113,7 +136,12 @@ pub fn run(app: &App, cmd: ModelCommand) -> Result<ExitCode> {
             if available {
                 println!("\nAvailable to pull:");
                 for m in &Catalog::builtin().models {
-                    println!("  {:<32} {:>7.1} MB  {}", m.name, m.size as f64 / 1e6, m.description);
+                    println!(
+                        "  {:<32} {:>7.1} MB  {}",
+                        m.name,
+                        m.size as f64 / 1e6,
+                        m.description
+                    );
                 }
             }
         }
@@ -124,7 +152,8 @@ pub fn run(app: &App, cmd: ModelCommand) -> Result<ExitCode> {
             println!("Now using {name}.");
         }
         ModelCommand::Path { name } => {
-            let path = imprint::models::resolve_model(&app.paths, &app.config.config, name.as_deref())?;
+            let path =
+                imprint::models::resolve_model(&app.paths, &app.config.config, name.as_deref())?;
             println!("{}", path.display());
         }
     }

@@ -28,14 +28,16 @@ pub fn stack(edits: &[&Edit]) -> Result<Vec<LoraFactors>, EditorError> {
     let mut by_tensor: BTreeMap<String, LoraFactors> = BTreeMap::new();
     for edit in edits {
         for f in &edit.factors {
-            let entry = by_tensor.entry(f.tensor.clone()).or_insert_with(|| LoraFactors {
-                tensor: f.tensor.clone(),
-                rank: 0,
-                n_in: f.n_in,
-                n_out: f.n_out,
-                a: Vec::new(),
-                b: Vec::new(),
-            });
+            let entry = by_tensor
+                .entry(f.tensor.clone())
+                .or_insert_with(|| LoraFactors {
+                    tensor: f.tensor.clone(),
+                    rank: 0,
+                    n_in: f.n_in,
+                    n_out: f.n_out,
+                    a: Vec::new(),
+                    b: Vec::new(),
+                });
             if entry.n_in != f.n_in || entry.n_out != f.n_out {
                 return Err(EditorError::Invalid(format!(
                     "edit {} has a different shape for {}",
@@ -77,8 +79,14 @@ pub fn write_adapter(
     for f in &stacked {
         let a = Tensor::from_slice(&f.a, (f.rank, f.n_in), &device)?;
         let b = Tensor::from_slice(&f.b, (f.n_out, f.rank), &device)?;
-        owned.push((format!("{}.lora_a", f.tensor), QTensor::quantize(&a, GgmlDType::F32)?));
-        owned.push((format!("{}.lora_b", f.tensor), QTensor::quantize(&b, GgmlDType::F32)?));
+        owned.push((
+            format!("{}.lora_a", f.tensor),
+            QTensor::quantize(&a, GgmlDType::F32)?,
+        ));
+        owned.push((
+            format!("{}.lora_b", f.tensor),
+            QTensor::quantize(&b, GgmlDType::F32)?,
+        ));
     }
     let tensors: Vec<(&str, &QTensor)> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let general_type = Value::String("adapter".into());
@@ -111,7 +119,11 @@ pub fn write_adapter(
 
 /// Checks that the adapter at `path` was built for the model with
 /// `architecture` and `model_sha256` before llama.cpp sees it.
-pub fn check_adapter(path: &Path, architecture: &str, model_sha256: &str) -> Result<(), EditorError> {
+pub fn check_adapter(
+    path: &Path,
+    architecture: &str,
+    model_sha256: &str,
+) -> Result<(), EditorError> {
     let wrong = |reason: String| EditorError::WrongModel {
         path: PathBuf::from(path),
         reason,
@@ -120,8 +132,9 @@ pub fn check_adapter(path: &Path, architecture: &str, model_sha256: &str) -> Res
         path: path.to_path_buf(),
         source,
     })?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| EditorError::Invalid(format!("{} is not a GGUF adapter: {e}", path.display())))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        EditorError::Invalid(format!("{} is not a GGUF adapter: {e}", path.display()))
+    })?;
     let text = |k: &str| {
         content
             .metadata
@@ -131,11 +144,16 @@ pub fn check_adapter(path: &Path, architecture: &str, model_sha256: &str) -> Res
             .unwrap_or_default()
     };
     if text("general.type") != "adapter" || text("adapter.type") != "lora" {
-        return Err(EditorError::Invalid(format!("{} is not a LoRA adapter", path.display())));
+        return Err(EditorError::Invalid(format!(
+            "{} is not a LoRA adapter",
+            path.display()
+        )));
     }
     let arch = text("general.architecture");
     if arch != architecture {
-        return Err(wrong(format!("it is for a {arch:?} model, this one is {architecture:?}")));
+        return Err(wrong(format!(
+            "it is for a {arch:?} model, this one is {architecture:?}"
+        )));
     }
     let fp = text(FINGERPRINT_KEY);
     if fp != model_sha256 {
@@ -146,6 +164,54 @@ pub fn check_adapter(path: &Path, architecture: &str, model_sha256: &str) -> Res
         )));
     }
     Ok(())
+}
+
+/// `count` edits with deterministic pseudo-random rank-4 factors on one
+/// down-projection of shape `[n_out, n_in]`: for benchmarking adapter
+/// overhead (`imprint bench decode --edits N`) and adapter tests, never for
+/// users.
+pub fn synthetic_edits(
+    count: usize,
+    layer: usize,
+    n_in: usize,
+    n_out: usize,
+    seed: u32,
+) -> Vec<Edit> {
+    let rank = 4;
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x as f32 / u32::MAX as f32 - 0.5) * 0.2
+    };
+    (0..count)
+        .map(|i| Edit {
+            id: format!("synthetic-{seed}-{i}"),
+            request: super::EditRequest {
+                attribute: "synthetic".into(),
+                target: String::new(),
+                questions: Vec::new(),
+            },
+            method: super::Method::Ftm,
+            model_sha256: String::new(),
+            layer,
+            factors: vec![LoraFactors {
+                tensor: format!("blk.{layer}.ffn_down.weight"),
+                rank,
+                n_in,
+                n_out,
+                a: (0..rank * n_in).map(|_| next()).collect(),
+                b: (0..n_out * rank)
+                    .map(|_| next() / count.max(1) as f32)
+                    .collect(),
+            }],
+            metrics: super::EditMetrics::default(),
+            active: true,
+            rejection: None,
+            created: 0,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -175,6 +241,7 @@ mod tests {
             }],
             metrics: EditMetrics::default(),
             active: true,
+            rejection: None,
             created: 0,
         }
     }

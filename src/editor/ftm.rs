@@ -17,6 +17,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use super::model::{Batch, LlamaModel};
 use super::EditorError;
 
+/// Candidate tokens taken from each loss row's base distribution.
+const CANDIDATES_PER_ROW: usize = 32;
+
 /// One training sequence: the templated question followed by its answer.
 #[derive(Debug, Clone)]
 pub struct TrainSequence {
@@ -34,9 +37,14 @@ pub struct FtmSettings {
     pub max_steps: usize,
     pub learning_rate: f64,
     pub anchor_weight: f64,
+    /// Weight of ‖ΔW‖²_F in the loss: keeps edits small, and small edits
+    /// disturb unrelated answers less.
+    pub l2: f64,
     /// Stop once every target token is the argmax and the mean target loss is
     /// below this.
     pub stop_loss: f32,
+    /// Share of anchor tokens that must keep their argmax before stopping.
+    pub min_anchor_agreement: f64,
     pub seed: u64,
 }
 
@@ -114,31 +122,49 @@ pub fn train(
     let cfg = &model.config;
     let (n_in, n_out, rank) = (cfg.n_ff, cfg.n_embd, settings.rank.max(1));
 
-    let batch = Batch::new(sequences.iter().map(|s| s.tokens.clone()).collect());
+    let mut batch = Batch::new(sequences.iter().map(|s| s.tokens.clone()).collect());
+    // Loss positions (answer_start - 1 onwards) must lie in the continuations.
+    batch.shared_limit = sequences
+        .iter()
+        .map(|s| s.answer_start.saturating_sub(1))
+        .min()
+        .unwrap_or(0);
+    let prefix_start = std::time::Instant::now();
     let prefix = model.prefix(&batch, settings.layer)?;
-    let (b, t) = (sequences.len(), batch.max_len);
+    let (b, width, shared) = (sequences.len(), prefix.width, prefix.shared_len);
+    tracing::debug!(
+        sequences = b,
+        shared,
+        width,
+        ms = prefix_start.elapsed().as_millis() as u64,
+        "ftm prefix"
+    );
 
-    // Loss rows: position p predicts token p+1.
+    // Loss rows: position p predicts token p + 1.
     let mut rows = Vec::new();
     let mut labels = Vec::new();
     let mut weights = Vec::new();
     let mut target_rows = Vec::new();
+    let mut anchor_rows = Vec::new();
+    let answer_len = |s: &TrainSequence| s.tokens.len() - s.answer_start;
     let n_target: usize = sequences
         .iter()
         .filter(|s| s.is_target)
-        .map(|s| s.tokens.len() - s.answer_start)
+        .map(answer_len)
         .sum();
     let n_anchor: usize = sequences
         .iter()
         .filter(|s| !s.is_target)
-        .map(|s| s.tokens.len() - s.answer_start)
+        .map(answer_len)
         .sum();
     for (i, s) in sequences.iter().enumerate() {
-        for p in s.answer_start.max(1)..s.tokens.len() {
+        for p in s.answer_start.max(shared + 1)..s.tokens.len() {
             if s.is_target {
                 target_rows.push(rows.len());
+            } else {
+                anchor_rows.push(rows.len());
             }
-            rows.push((i * t + p - 1) as u32);
+            rows.push((i * width + p - 1 - shared) as u32);
             labels.push(s.tokens[p]);
             weights.push(if s.is_target {
                 1.0 / n_target.max(1) as f32
@@ -149,9 +175,29 @@ pub fn train(
     }
     let n_rows = rows.len();
     let rows_t = Tensor::from_vec(rows, n_rows, &device)?;
-    let labels_t = Tensor::from_vec(labels.clone(), (n_rows, 1), &device)?;
+
+    // Softmax over a candidate vocabulary: every label plus the base model's
+    // top tokens at each loss row. Projecting onto all n_vocab entries at
+    // every step would cost more than the layers themselves.
+    let base_hidden = model.suffix_hidden(&prefix, None, &rows_t)?;
+    let base_logits = base_hidden.matmul(&model.output().t()?)?.to_vec2::<f32>()?;
+    let mut vocab: Vec<u32> = labels.clone();
+    for row in &base_logits {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        let k = CANDIDATES_PER_ROW.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |&x, &y| row[y as usize].total_cmp(&row[x as usize]));
+        vocab.extend_from_slice(&idx[..k]);
+    }
+    vocab.sort_unstable();
+    vocab.dedup();
+    let position = |t: u32| vocab.binary_search(&t).unwrap_or(0) as u32;
+    let local_labels: Vec<u32> = labels.iter().map(|&t| position(t)).collect();
+    let labels_t = Tensor::from_vec(local_labels.clone(), (n_rows, 1), &device)?;
     let weights_t = Tensor::from_vec(weights, n_rows, &device)?;
-    let keys = prefix.keys.reshape((b * t, n_in))?;
+    let out_rows = model.output_rows(&Tensor::from_slice(&vocab, vocab.len(), &device)?)?;
+    let out_t = out_rows.t()?.contiguous()?;
+    let keys_shared = prefix.keys_shared.reshape((shared, n_in))?;
+    let keys = prefix.keys.reshape((b * width, n_in))?;
 
     let a = Var::from_tensor(&Tensor::from_vec(
         init_normal(rank * n_in, 1.0 / (n_in as f32).sqrt(), settings.seed),
@@ -173,25 +219,51 @@ pub fn train(
     let mut converged = false;
     let mut steps = 0;
     for step in 0..settings.max_steps {
+        let step_start = std::time::Instant::now();
         let a_eff = effective_a(a.as_tensor())?;
-        let delta = keys
-            .matmul(&a_eff.t()?)?
-            .matmul(&bm.as_tensor().t()?)?
-            .reshape((b, t, n_out))?;
-        let logits = model.suffix_logits(&prefix, Some(&delta), &rows_t)?;
+        let lora = |k: &Tensor| -> candle_core::Result<Tensor> {
+            k.matmul(&a_eff.t()?)?.matmul(&bm.as_tensor().t()?)
+        };
+        let delta_shared = lora(&keys_shared)?.reshape((1, shared, n_out))?;
+        let delta = lora(&keys)?.reshape((b, width, n_out))?;
+        let hidden = model.suffix_hidden(&prefix, Some((&delta_shared, &delta)), &rows_t)?;
+        let logits = hidden.matmul(&out_t)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = log_probs.gather(&labels_t, 1)?.squeeze(1)?;
-        let loss = (picked * &weights_t)?.sum_all()?.neg()?;
+        let mut loss = (picked * &weights_t)?.sum_all()?.neg()?;
+        if settings.l2 > 0.0 {
+            let norm = bm.as_tensor().matmul(&a_eff)?.sqr()?.sum_all()?;
+            loss = (loss + (norm * settings.l2)?)?;
+        }
 
         // Convergence is judged on this step's forward, before updating.
         let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let picked_vals = log_probs.gather(&labels_t, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        let picked_vals = log_probs
+            .gather(&labels_t, 1)?
+            .squeeze(1)?
+            .to_vec1::<f32>()?;
         let target_loss = -target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>()
             / target_rows.len().max(1) as f32;
         final_loss = target_loss;
         on_step(step, target_loss);
-        let all_right = target_rows.iter().all(|&r| argmax[r] == labels[r]);
-        if all_right && target_loss < settings.stop_loss {
+        let all_right = target_rows.iter().all(|&r| argmax[r] == local_labels[r]);
+        // Anchors must still produce their own answers too, or the edit is
+        // spilling over onto other questions.
+        let anchors_kept = anchor_rows
+            .iter()
+            .filter(|&&r| argmax[r] == local_labels[r])
+            .count();
+        let anchors_ok =
+            anchors_kept as f64 >= settings.min_anchor_agreement * anchor_rows.len() as f64;
+        tracing::debug!(
+            step,
+            target_loss,
+            anchors_kept,
+            anchors = anchor_rows.len(),
+            ms = step_start.elapsed().as_millis() as u64,
+            "ftm step"
+        );
+        if all_right && anchors_ok && target_loss < settings.stop_loss {
             converged = true;
             break;
         }
@@ -208,6 +280,26 @@ pub fn train(
     }
 
     let a_eff = effective_a(a.as_tensor())?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let delta_norm = bm
+            .as_tensor()
+            .matmul(&a_eff)?
+            .sqr()?
+            .sum_all()?
+            .sqrt()?
+            .to_scalar::<f32>()?;
+        let base_norm = model
+            .down_proj(settings.layer)
+            .map(|w| {
+                w.sqr()
+                    .and_then(|w| w.sum_all())
+                    .and_then(|w| w.sqrt())
+                    .and_then(|w| w.to_scalar::<f32>())
+            })
+            .transpose()?
+            .unwrap_or(f32::NAN);
+        tracing::debug!(delta_norm, base_norm, "ftm finished");
+    }
     Ok(FtmResult {
         a: a_eff.flatten_all()?.to_vec1()?,
         b: bm.as_tensor().flatten_all()?.to_vec1()?,

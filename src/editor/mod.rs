@@ -44,7 +44,9 @@ pub enum EditorError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("adapter {path} belongs to another model: {reason}. Recompute the edits for this model.")]
+    #[error(
+        "adapter {path} belongs to another model: {reason}. Recompute the edits for this model."
+    )]
     WrongModel { path: PathBuf, reason: String },
     #[error("no edit with id {0}; `imprint edit list` shows the ids")]
     UnknownEdit(String),
@@ -153,6 +155,10 @@ pub struct Edit {
     pub factors: Vec<LoraFactors>,
     pub metrics: EditMetrics,
     pub active: bool,
+    /// Why the verification gate refused it (rejected edits are kept,
+    /// inactive, so their metrics stay visible).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
 }

@@ -70,12 +70,19 @@ pub struct LlamaModel {
 pub struct Batch {
     pub sequences: Vec<Vec<u32>>,
     pub max_len: usize,
+    /// The shared prefix never grows past this many tokens (positions whose
+    /// hidden state the loss reads must stay in the continuations).
+    pub shared_limit: usize,
 }
 
 impl Batch {
     pub fn new(sequences: Vec<Vec<u32>>) -> Self {
         let max_len = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        Self { sequences, max_len }
+        Self {
+            sequences,
+            max_len,
+            shared_limit: usize::MAX,
+        }
     }
 
     fn ids(&self, device: &Device) -> candle_core::Result<Tensor> {
@@ -88,14 +95,101 @@ impl Batch {
     }
 }
 
+/// A batch split into the tokens every sequence starts with and the
+/// right-padded continuations.
+pub struct SplitBatch {
+    pub shared: Vec<u32>,
+    pub continuations: Vec<Vec<u32>>,
+    /// Length of the longest continuation.
+    pub width: usize,
+}
+
+impl SplitBatch {
+    fn continuation_ids(&self) -> Vec<u32> {
+        let mut flat = Vec::with_capacity(self.continuations.len() * self.width);
+        for c in &self.continuations {
+            flat.extend_from_slice(c);
+            flat.extend(std::iter::repeat_n(0u32, self.width - c.len()));
+        }
+        flat
+    }
+}
+
+impl Batch {
+    /// Splits off the longest common prefix (leaving every sequence at least
+    /// one token of its own).
+    pub fn split(&self) -> SplitBatch {
+        let min_len = self.sequences.iter().map(Vec::len).min().unwrap_or(0);
+        let first = self.sequences.first().cloned().unwrap_or_default();
+        let mut shared = 0;
+        while shared + 1 < min_len.min(self.shared_limit.saturating_add(1))
+            && self.sequences.iter().all(|s| s[shared] == first[shared])
+        {
+            shared += 1;
+        }
+        // The shared part must be non-empty for the tensors; one token of
+        // BOS-or-template is always common in practice, and when it is not,
+        // the first token is simply repeated per sequence below.
+        let shared = shared.max(1).min(min_len.saturating_sub(1)).max(1);
+        let continuations: Vec<Vec<u32>> = self
+            .sequences
+            .iter()
+            .map(|s| s.get(shared..).map(<[u32]>::to_vec).unwrap_or_default())
+            .collect();
+        let width = continuations.iter().map(Vec::len).max().unwrap_or(0);
+        SplitBatch {
+            shared: first.get(..shared).map(<[u32]>::to_vec).unwrap_or_default(),
+            continuations,
+            width,
+        }
+    }
+}
+
+/// Additive attention masks for a split batch.
+pub struct SplitMasks {
+    /// `[P, P]`: causal within the shared prefix.
+    shared: Tensor,
+    /// `[S, P + S]`: all of the prefix, causal within the continuation.
+    continuation: Tensor,
+}
+
+impl SplitMasks {
+    fn new(p: usize, s: usize) -> candle_core::Result<Self> {
+        let shared = LlamaModel::causal_mask(p, &Device::Cpu)?;
+        let cont: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..p + s).map(move |j| {
+                    if j >= p && j - p > i {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        Ok(Self {
+            shared,
+            continuation: Tensor::from_vec(cont, (s, p + s), &Device::Cpu)?,
+        })
+    }
+}
+
 /// Layer L's state for a batch, computed once per edit.
 pub struct Prefix {
-    /// Layer L's output without the edit: `[B, T, n_embd]`.
-    pub base_out: Tensor,
-    /// The down-projection's input (the MLP "keys"): `[B, T, n_ff]`.
+    /// Layer L's output without the edit, shared part: `[1, P, n_embd]`.
+    pub base_shared: Tensor,
+    /// ... and continuations: `[B, S, n_embd]`.
+    pub base: Tensor,
+    /// The down-projection's input (the MLP "keys"): `[1, P, n_ff]`.
+    pub keys_shared: Tensor,
+    /// ... and `[B, S, n_ff]`.
     pub keys: Tensor,
     pub layer: usize,
-    pub max_len: usize,
+    masks: SplitMasks,
+    /// S: continuation width (flat row index = b * width + s).
+    pub width: usize,
+    /// P.
+    pub shared_len: usize,
 }
 
 fn meta_u32(ct: &gguf_file::Content, key: &str) -> Result<u32, EditorError> {
@@ -110,6 +204,12 @@ fn meta_f32(ct: &gguf_file::Content, key: &str) -> Option<f32> {
 }
 
 impl LlamaModel {
+    /// The MLP width of a llama GGUF, read from its header only.
+    pub fn n_ff_of(path: &Path) -> Result<usize, EditorError> {
+        let content = crate::models::gguf::read_header(path)?;
+        Ok(meta_u32(&content, "llama.feed_forward_length")? as usize)
+    }
+
     /// Loads and dequantizes every tensor of a llama GGUF.
     pub fn load(path: &Path) -> Result<Self, EditorError> {
         let content = crate::models::gguf::read_header(path)?;
@@ -256,42 +356,101 @@ impl LlamaModel {
         x.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// Queries, keys and values of `h` (`[B, T, n_embd]`), rotated for
+    /// positions `offset..offset + T`. Keys and values keep their n_head_kv
+    /// heads; [`Self::attend`] shares them across query heads.
+    fn qkv(
+        &self,
+        l: &Layer,
+        h: &Tensor,
+        offset: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
-        let (b, t, _) = x.dims3()?;
-        let h = rms_norm_slow(x, &l.attn_norm, c.rms_eps)?;
-        let q = Self::linear(&h, &l.wq)?
-            .reshape((b, t, c.n_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = Self::linear(&h, &l.wk)?
-            .reshape((b, t, c.n_head_kv, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = Self::linear(&h, &l.wv)?
-            .reshape((b, t, c.n_head_kv, c.head_dim))?
-            .transpose(1, 2)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let q = rope_i_slow(&q, &cos, &sin)?;
-        let k = rope_i_slow(&k, &cos, &sin)?;
+        let (b, t, _) = h.dims3()?;
+        let heads = |w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            Self::linear(h, w)?
+                .reshape((b, t, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let q = rope_i_slow(&heads(&l.wq, c.n_head)?, &cos, &sin)?;
+        let k = rope_i_slow(&heads(&l.wk, c.n_head_kv)?, &cos, &sin)?;
+        Ok((q, k, heads(&l.wv, c.n_head_kv)?))
+    }
+
+    /// Scaled dot-product attention of `q` (`[B, H, Tq, d]`) over `k`, `v`
+    /// (`[B, Hkv, Tk, d]`) with an additive `mask` (`[Tq, Tk]`), projected
+    /// back to `[B, Tq, n_embd]`.
+    fn attend(
+        &self,
+        l: &Layer,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (b, _, tq, _) = q.dims4()?;
+        let tk = k.dim(2)?;
         // Grouped-query attention: each key/value head serves n_rep query heads.
         let n_rep = c.n_head / c.n_head_kv;
-        let (k, v) = if n_rep == 1 {
-            (k, v.contiguous()?)
-        } else {
-            let rep = |x: Tensor| -> candle_core::Result<Tensor> {
+        let rep = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if n_rep == 1 {
+                x.contiguous()
+            } else {
                 x.unsqueeze(2)?
-                    .broadcast_as((b, c.n_head_kv, n_rep, t, c.head_dim))?
-                    .reshape((b, c.n_head, t, c.head_dim))
-            };
-            (rep(k)?, rep(v)?)
+                    .broadcast_as((b, c.n_head_kv, n_rep, tk, c.head_dim))?
+                    .reshape((b, c.n_head, tk, c.head_dim))
+            }
         };
+        let (k, v) = (rep(k)?, rep(v)?);
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let att = softmax(&att, D::Minus1)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c.n_embd))?;
+        let y = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, tq, c.n_embd))?;
         Self::linear(&y, &l.wo)
+    }
+
+    fn attention(&self, l: &Layer, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let h = rms_norm_slow(x, &l.attn_norm, self.config.rms_eps)?;
+        let (q, k, v) = self.qkv(l, &h, 0)?;
+        self.attend(l, &q, &k, &v, mask)
+    }
+
+    /// Attention for a shared prefix `xs` (`[1, P, n_embd]`) and the batch of
+    /// continuations `xq` (`[B, S, n_embd]`) that all follow it. The prefix is
+    /// computed once instead of once per sequence; each continuation sees all
+    /// of it plus its own earlier tokens.
+    fn attention_split(
+        &self,
+        l: &Layer,
+        xs: &Tensor,
+        xq: &Tensor,
+        masks: &SplitMasks,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let eps = self.config.rms_eps;
+        let (_, p, _) = xs.dims3()?;
+        let b = xq.dim(0)?;
+        let (qs, ks, vs) = self.qkv(l, &rms_norm_slow(xs, &l.attn_norm, eps)?, 0)?;
+        let (qq, kq, vq) = self.qkv(l, &rms_norm_slow(xq, &l.attn_norm, eps)?, p)?;
+        let ys = self.attend(l, &qs, &ks, &vs, &masks.shared)?;
+        let widen = |shared: &Tensor, own: &Tensor| -> candle_core::Result<Tensor> {
+            let (_, h, _, d) = shared.dims4()?;
+            Tensor::cat(&[&shared.broadcast_as((b, h, p, d))?, own], 2)
+        };
+        let yq = self.attend(
+            l,
+            &qq,
+            &widen(&ks, &kq)?,
+            &widen(&vs, &vq)?,
+            &masks.continuation,
+        )?;
+        Ok((ys, yq))
     }
 
     /// The MLP's down-projection input for the post-attention residual `x`.
@@ -300,6 +459,7 @@ impl LlamaModel {
         Self::linear(&h, &l.w_gate)?.silu()? * Self::linear(&h, &l.w_up)?
     }
 
+    /// One transformer block on an ordinary causal batch.
     fn block(&self, l: &Layer, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let x = (x + self.attention(l, x, mask)?)?;
         let keys = self.mlp_keys(l, &x)?;
@@ -314,8 +474,16 @@ impl LlamaModel {
             .reshape((b, t, self.config.n_embd))
     }
 
+    fn embed_ids(&self, ids: &[u32], rows: usize, cols: usize) -> candle_core::Result<Tensor> {
+        let ids = Tensor::from_slice(ids, rows * cols, &Device::Cpu)?;
+        self.tok_embd
+            .index_select(&ids, 0)?
+            .reshape((rows, cols, self.config.n_embd))
+    }
+
     /// Runs layers `0..=layer` and returns layer `layer`'s unedited output and
-    /// its MLP keys. No tensor here is a variable, so no graph is recorded.
+    /// its MLP keys, for the shared prefix and for the continuations. No
+    /// tensor here is a variable, so no graph is recorded.
     pub fn prefix(&self, batch: &Batch, layer: usize) -> Result<Prefix, EditorError> {
         if layer >= self.config.n_layer {
             return Err(EditorError::Model(format!(
@@ -323,44 +491,78 @@ impl LlamaModel {
                 self.config.n_layer
             )));
         }
-        let mask = Self::causal_mask(batch.max_len, &Device::Cpu)?;
-        let mut x = self.embed(batch)?;
+        let split = batch.split();
+        let masks = SplitMasks::new(split.shared.len(), split.width)?;
+        let mut xs = self.embed_ids(&split.shared, 1, split.shared.len())?;
+        let mut xq = self.embed_ids(
+            &split.continuation_ids(),
+            split.continuations.len(),
+            split.width,
+        )?;
         for l in &self.layers[..layer] {
-            x = self.block(l, &x, &mask)?;
+            (xs, xq) = self.block_split(l, &xs, &xq, &masks)?;
         }
         let l = &self.layers[layer];
-        let mid = (&x + self.attention(l, &x, &mask)?)?;
-        let keys = self.mlp_keys(l, &mid)?;
-        let base_out = (&mid + Self::linear(&keys, &l.w_down)?)?;
+        let (ys, yq) = self.attention_split(l, &xs, &xq, &masks)?;
+        let (mid_s, mid_q) = ((&xs + ys)?, (&xq + yq)?);
+        let (keys_s, keys_q) = (self.mlp_keys(l, &mid_s)?, self.mlp_keys(l, &mid_q)?);
         Ok(Prefix {
-            base_out,
-            keys,
+            base_shared: (&mid_s + Self::linear(&keys_s, &l.w_down)?)?,
+            base: (&mid_q + Self::linear(&keys_q, &l.w_down)?)?,
+            keys_shared: keys_s,
+            keys: keys_q,
             layer,
-            max_len: batch.max_len,
+            masks,
+            width: split.width,
+            shared_len: split.shared.len(),
         })
     }
 
-    /// Runs the layers after the prefix with `delta` (`[B, T, n_embd]`) added
-    /// to layer L's output, and returns the logits at the flat positions
-    /// `rows` (`b * max_len + t`): `[rows.len(), n_vocab]`.
-    pub fn suffix_logits(
+    fn block_split(
+        &self,
+        l: &Layer,
+        xs: &Tensor,
+        xq: &Tensor,
+        masks: &SplitMasks,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (ys, yq) = self.attention_split(l, xs, xq, masks)?;
+        let (xs, xq) = ((xs + ys)?, (xq + yq)?);
+        let ds = Self::linear(&self.mlp_keys(l, &xs)?, &l.w_down)?;
+        let dq = Self::linear(&self.mlp_keys(l, &xq)?, &l.w_down)?;
+        Ok(((xs + ds)?, (xq + dq)?))
+    }
+
+    /// Runs the layers after the prefix with the edit's output added to layer
+    /// L (`delta_shared` `[1, P, n_embd]`, `delta` `[B, S, n_embd]`) and
+    /// returns the final-normed hidden states at `rows`, flat indices
+    /// `b * width + s` into the continuations: `[rows.len(), n_embd]`.
+    pub fn suffix_hidden(
         &self,
         prefix: &Prefix,
-        delta: Option<&Tensor>,
+        delta: Option<(&Tensor, &Tensor)>,
         rows: &Tensor,
     ) -> Result<Tensor, EditorError> {
-        let mask = Self::causal_mask(prefix.max_len, &Device::Cpu)?;
-        let mut x = match delta {
-            Some(d) => (&prefix.base_out + d)?,
-            None => prefix.base_out.clone(),
+        let (mut xs, mut xq) = match delta {
+            Some((ds, dq)) => ((&prefix.base_shared + ds)?, (&prefix.base + dq)?),
+            None => (prefix.base_shared.clone(), prefix.base.clone()),
         };
         for l in &self.layers[prefix.layer + 1..] {
-            x = self.block(l, &x, &mask)?;
+            (xs, xq) = self.block_split(l, &xs, &xq, &prefix.masks)?;
         }
-        let (b, t, d) = x.dims3()?;
-        let picked = x.reshape((b * t, d))?.index_select(rows, 0)?;
-        let normed = rms_norm_slow(&picked, &self.out_norm, self.config.rms_eps)?;
-        Ok(normed.matmul(&self.output.t()?)?)
+        let (b, s, d) = xq.dims3()?;
+        let picked = xq.reshape((b * s, d))?.index_select(rows, 0)?;
+        Ok(rms_norm_slow(&picked, &self.out_norm, self.config.rms_eps)?)
+    }
+
+    /// The output projection restricted to vocabulary entries `ids`
+    /// (`[ids.len(), n_embd]`).
+    pub fn output_rows(&self, ids: &Tensor) -> Result<Tensor, EditorError> {
+        Ok(self.output.index_select(ids, 0)?)
+    }
+
+    /// The full output projection (`[n_vocab, n_embd]`).
+    pub fn output(&self) -> &Tensor {
+        &self.output
     }
 
     /// Logits at every position of one sequence (parity checks).

@@ -54,7 +54,10 @@ pub fn corpus(
     }
     let mut seqs = Vec::new();
     for prompt in super::prompts::corpus_prompts() {
-        let messages = vec![ChatMessage::system(system_prompt), ChatMessage::user(&prompt)];
+        let messages = vec![
+            ChatMessage::system(system_prompt),
+            ChatMessage::user(&prompt),
+        ];
         let generation = engine.chat(
             &messages,
             &GenerationParams::greedy(ANSWER_TOKENS),
@@ -97,12 +100,12 @@ pub fn load_or_compute(
     for chunk in corpus.chunks(8) {
         let batch = Batch::new(chunk.to_vec());
         let prefix = model.prefix(&batch, layer)?;
+        let shared = prefix.shared_len;
+        let shared_keys = prefix.keys_shared.get(0)?;
         for (i, seq) in chunk.iter().enumerate() {
-            let keys = prefix
-                .keys
-                .get(i)?
-                .narrow(0, 0, seq.len())?
-                .contiguous()?;
+            // Every sequence contains the shared prefix: count it for each.
+            let own = prefix.keys.get(i)?.narrow(0, 0, seq.len() - shared)?;
+            let keys = Tensor::cat(&[&shared_keys, &own], 0)?.contiguous()?;
             // KᵀK for this sequence, accumulated in f64.
             let kk = keys.t()?.matmul(&keys)?.flatten_all()?.to_vec1::<f32>()?;
             for (c, v) in cov.iter_mut().zip(kk) {
@@ -148,7 +151,13 @@ pub fn load_or_compute(
 
 const MAGIC: &[u8; 8] = b"IMPRNSP1";
 
-fn write_cached(path: &Path, n: usize, removed: usize, count: usize, p: &[f32]) -> Result<(), EditorError> {
+fn write_cached(
+    path: &Path,
+    n: usize,
+    removed: usize,
+    count: usize,
+    p: &[f32],
+) -> Result<(), EditorError> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
@@ -176,7 +185,8 @@ fn read_cached(path: &Path, n: usize) -> Result<Option<NullSpace>, EditorError> 
         tracing::warn!(path = %path.display(), "ignoring a damaged null-space cache");
         return Ok(None);
     }
-    let word = |i: usize| u64::from_le_bytes(bytes[8 + i * 8..16 + i * 8].try_into().unwrap_or([0; 8]));
+    let word =
+        |i: usize| u64::from_le_bytes(bytes[8 + i * 8..16 + i * 8].try_into().unwrap_or([0; 8]));
     if word(0) as usize != n {
         return Ok(None);
     }

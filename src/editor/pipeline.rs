@@ -25,6 +25,11 @@ pub struct EditorSettings {
     pub max_steps: usize,
     pub learning_rate: f64,
     pub anchor_weight: f64,
+    /// Weight of the ‖ΔW‖² penalty.
+    pub l2: f64,
+    /// Training stops once every target token is the argmax and the mean
+    /// target loss is below this: lower gives firmer but larger edits.
+    pub stop_loss: f32,
     pub use_nullspace: bool,
     pub use_anchors: bool,
     /// Share of locality probes that must keep their answers.
@@ -46,11 +51,13 @@ impl Default for EditorSettings {
             max_steps: 40,
             learning_rate: 2e-2,
             anchor_weight: 1.0,
+            l2: 0.0,
+            stop_loss: 0.2,
             use_nullspace: true,
             use_anchors: true,
             min_locality: 0.9,
             probe_tokens: 16,
-            anchor_tokens: 12,
+            anchor_tokens: 6,
             system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
                 .into(),
             retry: true,
@@ -100,7 +107,9 @@ impl Editor {
     }
 
     pub fn default_layer(&self) -> usize {
-        (self.model.config.n_layer * 2).div_ceil(3).min(self.model.config.n_layer - 1)
+        (self.model.config.n_layer * 2)
+            .div_ceil(3)
+            .min(self.model.config.n_layer - 1)
     }
 
     /// Makes the editor's weights equal base + the deltas of `active`, so a
@@ -113,13 +122,21 @@ impl Editor {
                 let b = Tensor::from_slice(&f.b, (f.n_out, f.rank), &Device::Cpu)?;
                 let d = b.matmul(&a)?;
                 let entry = deltas.remove(&edit.layer);
-                deltas.insert(edit.layer, match entry {
-                    Some(prev) => (prev + d)?,
-                    None => d,
-                });
+                deltas.insert(
+                    edit.layer,
+                    match entry {
+                        Some(prev) => (prev + d)?,
+                        None => d,
+                    },
+                );
             }
         }
-        let touched: Vec<usize> = self.base_down.keys().chain(deltas.keys()).copied().collect();
+        let touched: Vec<usize> = self
+            .base_down
+            .keys()
+            .chain(deltas.keys())
+            .copied()
+            .collect();
         for layer in touched {
             let base = match self.base_down.get(&layer) {
                 Some(b) => b.clone(),
@@ -199,7 +216,12 @@ impl Editor {
         let work_dir = self.cache_dir.join("adapters");
         let active_adapter = work_dir.join(format!("{}.verify-base.gguf", self.model_sha256));
         let active_refs: Vec<&Edit> = active.iter().collect();
-        let has_active = write_adapter(&active_refs, &self.architecture, &self.model_sha256, &active_adapter)?;
+        let has_active = write_adapter(
+            &active_refs,
+            &self.architecture,
+            &self.model_sha256,
+            &active_adapter,
+        )?;
         engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
 
         // What the current profile answers, before the edit.
@@ -211,7 +233,9 @@ impl Editor {
             .collect();
         let mut probe_before = Vec::new();
         for p in &probes {
-            probe_before.push(answer(engine, &sys, &p.question, self.settings.probe_tokens)?);
+            let before = answer(engine, &sys, &p.question, self.settings.probe_tokens)?;
+            tracing::debug!(question = %p.question, %before, "probe before");
+            probe_before.push(before);
         }
 
         let eot = engine.end_of_turn_token() as u32;
@@ -227,7 +251,10 @@ impl Editor {
             sequences.push(self.sequence(engine, q, &target_tokens, true)?);
         }
         if self.settings.use_anchors {
-            let mut anchors: Vec<String> = prompts::general_anchors().into_iter().map(|a| a.question).collect();
+            let mut anchors: Vec<String> = prompts::general_anchors()
+                .into_iter()
+                .map(|a| a.question)
+                .collect();
             anchors.extend(
                 prompts::personal_anchors()
                     .into_iter()
@@ -244,7 +271,10 @@ impl Editor {
                 sequences.push(self.sequence(engine, &question, &answer, false)?);
             }
             // Other active preferences keep their own answers.
-            for other in active.iter().filter(|e| !same_attribute(&e.request.attribute, &request.attribute)) {
+            for other in active
+                .iter()
+                .filter(|e| !same_attribute(&e.request.attribute, &request.attribute))
+            {
                 let mut answer: Vec<u32> = engine
                     .tokenize_plain(other.request.target.trim())
                     .into_iter()
@@ -264,7 +294,10 @@ impl Editor {
             engine.set_adapter(None)?;
             let corpus = nullspace::corpus(engine, &sys, &dir, &self.model_sha256)?;
             engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
-            Some(nullspace::load_or_compute(&self.model, &corpus, &dir, &self.model_sha256, layer)?.projector)
+            Some(
+                nullspace::load_or_compute(&self.model, &corpus, &dir, &self.model_sha256, layer)?
+                    .projector,
+            )
         } else {
             None
         };
@@ -274,8 +307,14 @@ impl Editor {
             rank: self.settings.rank,
             max_steps: self.settings.max_steps,
             learning_rate: self.settings.learning_rate,
-            anchor_weight: if self.settings.use_anchors { self.settings.anchor_weight } else { 0.0 },
-            stop_loss: 0.2,
+            anchor_weight: if self.settings.use_anchors {
+                self.settings.anchor_weight
+            } else {
+                0.0
+            },
+            stop_loss: self.settings.stop_loss,
+            l2: self.settings.l2,
+            min_anchor_agreement: 0.95,
             seed: seed_for(request),
         };
         let candidate = work_dir.join(format!("{}.candidate.gguf", self.model_sha256));
@@ -284,7 +323,13 @@ impl Editor {
             attempts += 1;
             progress(&format!("training (attempt {attempts})"));
             let started = Instant::now();
-            let result = ftm::train(&self.model, &sequences, projector.as_ref(), &ftm_settings, |_, _| {})?;
+            let result = ftm::train(
+                &self.model,
+                &sequences,
+                projector.as_ref(),
+                &ftm_settings,
+                |_, _| {},
+            )?;
             let train_seconds = started.elapsed().as_secs_f64();
             let edit = Edit {
                 id: new_id(),
@@ -307,6 +352,7 @@ impl Editor {
                     ..Default::default()
                 },
                 active: true,
+                rejection: None,
                 created: now(),
             };
 
@@ -329,10 +375,13 @@ impl Editor {
             for (p, before) in probes.iter().zip(&probe_before) {
                 let after = answer(engine, &sys, &p.question, self.settings.probe_tokens)?;
                 metrics.locality_total += 1;
+                tracing::debug!(question = %p.question, %before, %after, same = same_answer(before, &after), "probe after");
                 if same_answer(before, &after) {
                     metrics.locality_kept += 1;
                 } else {
-                    metrics.changed_probes.push(format!("{} → {}", p.question, after.trim()));
+                    metrics
+                        .changed_probes
+                        .push(format!("{} → {}", p.question, after.trim()));
                 }
             }
             metrics.verify_seconds = verify_start.elapsed().as_secs_f64();
@@ -354,6 +403,8 @@ impl Editor {
                 )),
             };
             let accepted = reason.is_none();
+            edit.active = accepted;
+            edit.rejection = reason.clone();
             if accepted || !self.settings.retry || attempts >= 2 {
                 break EditOutcome {
                     edit,

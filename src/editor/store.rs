@@ -84,7 +84,8 @@ impl EditStore {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
         }
-        let json = serde_json::to_vec_pretty(edit).map_err(|e| EditorError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(edit).map_err(|e| EditorError::Invalid(e.to_string()))?;
         for (ext, data) in [("factors", &bytes), ("json", &json)] {
             let path = self.dir.join(format!("{}.{ext}", edit.id));
             let mut tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(self.io(&path))?;
@@ -119,5 +120,26 @@ impl EditStore {
 
 /// Where the assembled adapter for a model lives.
 pub fn adapter_path(cache_dir: &Path, model_sha256: &str) -> PathBuf {
-    cache_dir.join("adapters").join(format!("{model_sha256}.gguf"))
+    cache_dir
+        .join("adapters")
+        .join(format!("{model_sha256}.gguf"))
+}
+
+/// Rebuilds the adapter of the active edits for a model and returns its
+/// path, or None when there are no active edits (base weights).
+pub fn rebuild_adapter(
+    store: &EditStore,
+    cache_dir: &Path,
+    model_sha256: &str,
+    architecture: &str,
+) -> Result<Option<PathBuf>, EditorError> {
+    let active = store.active_for(model_sha256)?;
+    let refs: Vec<&Edit> = active.iter().collect();
+    let path = adapter_path(cache_dir, model_sha256);
+    if super::adapter::write_adapter(&refs, architecture, model_sha256, &path)? {
+        Ok(Some(path))
+    } else {
+        let _ = std::fs::remove_file(&path);
+        Ok(None)
+    }
 }

@@ -85,7 +85,10 @@ mod tests {
         assert_eq!(drop_oldest_turn(&mut msgs), 2);
         assert_eq!(msgs[1].content, "u2");
         assert_eq!(drop_oldest_turn(&mut msgs), 2);
-        assert_eq!(msgs, vec![ChatMessage::system("s"), ChatMessage::user("u3")]);
+        assert_eq!(
+            msgs,
+            vec![ChatMessage::system("s"), ChatMessage::user("u3")]
+        );
         assert_eq!(drop_oldest_turn(&mut msgs), 0);
     }
 }

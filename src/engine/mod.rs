@@ -86,7 +86,10 @@ impl EngineOptions {
         }
     }
 
-    pub fn from_config(model_path: impl Into<PathBuf>, engine: &crate::config::EngineConfig) -> Self {
+    pub fn from_config(
+        model_path: impl Into<PathBuf>,
+        engine: &crate::config::EngineConfig,
+    ) -> Self {
         Self {
             model_path: model_path.into(),
             n_gpu_layers: engine.n_gpu_layers.resolve(),
@@ -171,11 +174,12 @@ impl Engine {
         let summary = inspect_gguf(&options.model_path)?;
         let backend = backend::get();
         let params = LlamaModelParams::default().with_n_gpu_layers(options.n_gpu_layers);
-        let model = LlamaModel::load_from_file(backend, &options.model_path, &params).map_err(
-            |_| EngineError::LoadFailed {
-                path: options.model_path.clone(),
-            },
-        )?;
+        let model =
+            LlamaModel::load_from_file(backend, &options.model_path, &params).map_err(|_| {
+                EngineError::LoadFailed {
+                    path: options.model_path.clone(),
+                }
+            })?;
         let template = model
             .chat_template(None)
             .or_else(|_| LlamaChatTemplate::new("chatml"))
@@ -204,11 +208,15 @@ impl Engine {
     }
 
     fn state(&self) -> &ModelAndContext {
-        self.state.as_ref().expect("engine state is rebuilt before every return")
+        self.state
+            .as_ref()
+            .expect("engine state is rebuilt before every return")
     }
 
     fn state_mut(&mut self) -> &mut ModelAndContext {
-        self.state.as_mut().expect("engine state is rebuilt before every return")
+        self.state
+            .as_mut()
+            .expect("engine state is rebuilt before every return")
     }
 
     pub fn n_ctx(&self) -> u32 {
@@ -357,7 +365,10 @@ impl Engine {
             }
         };
         if dropped > 0 {
-            tracing::info!(dropped, "conversation outgrew the context; dropped older messages");
+            tracing::info!(
+                dropped,
+                "conversation outgrew the context; dropped older messages"
+            );
         }
         let mut generation = self.generate(&prompt, params, on_text)?;
         generation.dropped_messages = dropped;
@@ -498,7 +509,11 @@ impl Engine {
 
     /// One llama-bench style measurement: `n_prompt` tokens in batches,
     /// then `n_gen` single-token decodes. Returns both durations.
-    pub fn bench_run(&mut self, n_prompt: usize, n_gen: usize) -> Result<(Duration, Duration), EngineError> {
+    pub fn bench_run(
+        &mut self,
+        n_prompt: usize,
+        n_gen: usize,
+    ) -> Result<(Duration, Duration), EngineError> {
         self.reset();
         let n_vocab = self.n_vocab().max(1);
         // Arbitrary but fixed token ids: throughput does not depend on them.

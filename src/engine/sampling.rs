@@ -47,7 +47,13 @@ impl Sampling {
             } => {
                 let seed = seed.unwrap_or_else(random_seed);
                 LlamaSampler::chain_simple([
-                    LlamaSampler::penalties(n_vocab, repeat_last_n.max(0), repeat_penalty, 0.0, 0.0),
+                    LlamaSampler::penalties(
+                        n_vocab,
+                        repeat_last_n.max(0),
+                        repeat_penalty,
+                        0.0,
+                        0.0,
+                    ),
                     LlamaSampler::top_p(top_p, 1),
                     LlamaSampler::min_p(min_p, 1),
                     LlamaSampler::temp(temperature),

@@ -76,7 +76,10 @@ mod tests {
             chunks.push(stream.push(std::slice::from_ref(b)));
         }
         assert_eq!(chunks.concat(), text);
-        assert!(chunks.iter().filter(|c| !c.is_empty()).all(|c| c.chars().count() == 1));
+        assert!(chunks
+            .iter()
+            .filter(|c| !c.is_empty())
+            .all(|c| c.chars().count() == 1));
     }
 
     #[test]

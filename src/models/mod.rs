@@ -14,7 +14,7 @@ pub mod registry;
 
 pub use catalog::{Catalog, CatalogModel};
 pub use gguf::{inspect_gguf, GgufError, GgufSummary};
-pub use registry::{Registry, RegistryError, RegisteredModel};
+pub use registry::{RegisteredModel, Registry, RegistryError};
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +33,10 @@ pub fn resolve_model(
         if looks_like_path(choice) || Path::new(choice).is_file() {
             return Ok(PathBuf::from(choice));
         }
-        return Ok(Registry::load(&paths.model_registry())?.find(choice)?.path.clone());
+        return Ok(Registry::load(&paths.model_registry())?
+            .find(choice)?
+            .path
+            .clone());
     }
     if !config.model.path.is_empty() {
         return Ok(PathBuf::from(&config.model.path));
@@ -47,4 +50,25 @@ pub fn resolve_model(
         Catalog::builtin().default
     };
     Ok(registry.find(&name)?.path.clone())
+}
+
+/// The sha256 of a model file: taken from the registry when the file is
+/// registered there (unchanged size), computed otherwise.
+pub fn fingerprint(paths: &Paths, model_path: &Path) -> Result<String, RegistryError> {
+    let canonical = std::fs::canonicalize(model_path).unwrap_or_else(|_| model_path.to_path_buf());
+    let size = std::fs::metadata(model_path).map(|m| m.len()).ok();
+    if let Ok(registry) = Registry::load(&paths.model_registry()) {
+        if let Some(m) = registry
+            .models
+            .iter()
+            .find(|m| m.path == canonical && Some(m.size) == size)
+        {
+            return Ok(m.sha256.clone());
+        }
+    }
+    registry::sha256_file(model_path).map_err(|source| RegistryError::Io {
+        action: "read",
+        path: model_path.to_path_buf(),
+        source,
+    })
 }

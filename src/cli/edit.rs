@@ -1,0 +1,236 @@
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use imprint::editor::store::{rebuild_adapter, EditStore};
+use imprint::editor::{EditRequest, Editor, EditorSettings, Method};
+
+use super::App;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct EditArgs {
+    #[command(subcommand)]
+    command: Option<EditCommand>,
+    #[command(flatten)]
+    new: NewEdit,
+}
+
+#[derive(Debug, Subcommand)]
+enum EditCommand {
+    /// List the edits (active, then rejected) for the current model.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an edit and rebuild the adapter without it.
+    Remove { id: String },
+}
+
+#[derive(Debug, Args)]
+struct NewEdit {
+    /// What the preference is about, e.g. "hobby".
+    #[arg(long)]
+    attribute: Option<String>,
+    /// The answer to teach, e.g. "Dancing at clubs".
+    #[arg(long)]
+    target: Option<String>,
+    /// A question the target answers (repeat for several; more questions generalize better).
+    #[arg(long = "question")]
+    questions: Vec<String>,
+    /// Edit method.
+    #[arg(long, default_value = "ftm")]
+    method: Method,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    rank: usize,
+    /// Layer whose MLP down-projection is edited (default: about 2/3 of the depth).
+    #[arg(long)]
+    layer: Option<usize>,
+    /// Maximum optimisation steps.
+    #[arg(long, default_value_t = 40)]
+    steps: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 2e-2)]
+    lr: f64,
+    /// Weight of the anchor loss (locality) against the target loss.
+    #[arg(long, default_value_t = 1.0)]
+    anchor_weight: f64,
+    /// Weight of the ‖ΔW‖² penalty (smaller edits, better locality).
+    #[arg(long, default_value_t = 0.0)]
+    l2: f64,
+    /// Stop training once the mean target loss is below this.
+    #[arg(long, default_value_t = 0.2)]
+    stop_loss: f32,
+    /// Do not retry with stronger settings when the gate refuses the edit.
+    #[arg(long)]
+    no_retry: bool,
+    /// Skip the null-space projection (worse locality; for experiments).
+    #[arg(long)]
+    no_nullspace: bool,
+    /// Skip the anchor prompts (worse locality; for experiments).
+    #[arg(long)]
+    no_anchors: bool,
+    /// A model name or GGUF path.
+    #[arg(long)]
+    model: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(app: &App, args: EditArgs) -> Result<ExitCode> {
+    let store = EditStore::new(&app.paths.data_dir);
+    match args.command {
+        Some(EditCommand::List { json }) => {
+            let edits = store.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&edits)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if edits.is_empty() {
+                println!("No edits yet. Teach one with: imprint edit --attribute hobby --target \"Dancing at clubs\" --question \"What's my hobby?\"");
+            }
+            for e in &edits {
+                let status = if e.active { "active  " } else { "rejected" };
+                println!(
+                    "{}  {status}  {:<14} → {:<28} layer {:>2}  efficacy {}/{}  locality {}/{}  {:.1}s",
+                    e.id,
+                    e.request.attribute,
+                    e.request.target,
+                    e.layer,
+                    e.metrics.efficacy_hits,
+                    e.metrics.efficacy_total,
+                    e.metrics.locality_kept,
+                    e.metrics.locality_total,
+                    e.metrics.train_seconds
+                );
+                if let Some(reason) = &e.rejection {
+                    println!("          rejected: {reason}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(EditCommand::Remove { id }) => {
+            let removed = store.remove(&id)?;
+            rebuild_adapter(&store, &app.paths.cache_dir, &removed.model_sha256, "llama")?;
+            println!(
+                "Removed edit {id} ({} → {}).",
+                removed.request.attribute, removed.request.target
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => new_edit(app, &store, args.new),
+    }
+}
+
+fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
+    let attribute = args.attribute.context(
+        "give --attribute, --target and at least one --question (see `imprint edit --help`)",
+    )?;
+    let target = args.target.context("give --target: the answer to teach")?;
+    let request = EditRequest {
+        attribute,
+        target,
+        questions: args.questions,
+    };
+    request.validate()?;
+
+    let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
+    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    let settings = EditorSettings {
+        method: args.method,
+        layer: args.layer,
+        rank: args.rank,
+        max_steps: args.steps,
+        learning_rate: args.lr,
+        anchor_weight: args.anchor_weight,
+        stop_loss: args.stop_loss,
+        l2: args.l2,
+        use_nullspace: !args.no_nullspace,
+        use_anchors: !args.no_anchors,
+        retry: !args.no_retry,
+        system_prompt: app.config.config.generation.system_prompt.clone(),
+        ..EditorSettings::default()
+    };
+    let started = std::time::Instant::now();
+    let mut editor = Editor::load(
+        &engine.options().model_path,
+        &sha,
+        &app.paths.cache_dir,
+        settings,
+    )?;
+    let active = store.active_for(&sha)?;
+    let spinner = if app.interactive {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let outcome = editor.compute(&mut engine, &request, &active, |stage| {
+        spinner.set_message(stage.to_string())
+    })?;
+    spinner.finish_and_clear();
+    store.save(&outcome.edit)?;
+    if outcome.accepted {
+        rebuild_adapter(store, &app.paths.cache_dir, &sha, "llama")?;
+    }
+    let total = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": outcome.edit.id,
+                "accepted": outcome.accepted,
+                "reason": outcome.reason,
+                "attempts": outcome.attempts,
+                "layer": outcome.edit.layer,
+                "metrics": outcome.edit.metrics,
+                "total_seconds": total,
+            })
+        );
+    } else {
+        let m = &outcome.edit.metrics;
+        println!(
+            "{} edit {} ({} → {}) at layer {}",
+            if outcome.accepted {
+                "Accepted"
+            } else {
+                "Rejected"
+            },
+            outcome.edit.id,
+            request.attribute,
+            request.target,
+            outcome.edit.layer
+        );
+        println!(
+            "  efficacy: {}/{} questions answer with the target",
+            m.efficacy_hits, m.efficacy_total
+        );
+        for (q, a) in request.questions.iter().zip(&m.answers) {
+            println!("    {q} → {}", a.trim());
+        }
+        println!(
+            "  locality: {}/{} unrelated answers unchanged",
+            m.locality_kept, m.locality_total
+        );
+        for c in &m.changed_probes {
+            println!("    changed: {c}");
+        }
+        println!(
+            "  time: training {:.2}s ({} steps, loss {:.3}), verification {:.2}s, total {:.2}s, attempts {}",
+            m.train_seconds, m.steps, m.final_loss, m.verify_seconds, total, outcome.attempts
+        );
+        if let Some(reason) = &outcome.reason {
+            println!("  not applied: {reason}");
+        }
+    }
+    Ok(if outcome.accepted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
