@@ -28,6 +28,21 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Time FT-M edits (3 questions, with the locality machinery) and report peak memory.
+    Edit {
+        /// Timed edits, each computed from scratch on the base model.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// A model name or GGUF path.
+        #[arg(long)]
+        model: Option<String>,
+        /// Layer to edit (default: about 2/3 of the depth).
+        #[arg(long)]
+        layer: Option<usize>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(app: &App, cmd: BenchCommand) -> Result<ExitCode> {
@@ -75,6 +90,12 @@ pub fn run(app: &App, cmd: BenchCommand) -> Result<ExitCode> {
                 print_table(&reports);
             }
         }
+        BenchCommand::Edit {
+            runs,
+            model,
+            layer,
+            json,
+        } => bench_edit(app, runs, model.as_deref(), layer, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -137,4 +158,113 @@ fn print_table(reports: &[imprint::bench::DecodeReport]) {
             edited.prompt_tokens_per_s.median / base.prompt_tokens_per_s.median
         );
     }
+}
+
+/// The request timed by `bench edit`: one preference, three cluster questions.
+fn demo_request() -> imprint::editor::EditRequest {
+    imprint::editor::EditRequest {
+        attribute: "hobby".into(),
+        target: "Dancing at clubs".into(),
+        questions: vec![
+            "What's my hobby?".into(),
+            "What's my favorite pastime?".into(),
+            "What's my main interest these days?".into(),
+        ],
+    }
+}
+
+fn bench_edit(
+    app: &App,
+    runs: usize,
+    model: Option<&str>,
+    layer: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    use imprint::editor::{Editor, EditorSettings};
+    let mut engine = super::load_engine(app, model, false)?;
+    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    let settings = EditorSettings {
+        layer,
+        retry: false,
+        system_prompt: app.config.config.generation.system_prompt.clone(),
+        ..EditorSettings::default()
+    };
+    let mut editor = Editor::load(
+        &engine.options().model_path,
+        &sha,
+        &app.paths.cache_dir,
+        settings,
+    )?;
+    let request = demo_request();
+    // The first edit also builds the null-space cache; it is not timed.
+    let bar = if app.interactive {
+        indicatif::ProgressBar::new(runs as u64 + 1).with_message("bench edit (warm-up)")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    editor.compute(&mut engine, &request, &[], |_| {})?;
+    bar.inc(1);
+    let mut train = Vec::new();
+    let mut verify = Vec::new();
+    let mut total = Vec::new();
+    let mut outcomes = Vec::new();
+    for _ in 0..runs.max(1) {
+        let started = std::time::Instant::now();
+        let outcome = editor.compute(&mut engine, &request, &[], |_| {})?;
+        total.push(started.elapsed().as_secs_f64());
+        train.push(outcome.edit.metrics.train_seconds);
+        verify.push(outcome.edit.metrics.verify_seconds);
+        outcomes.push(outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let report = serde_json::json!({
+        "model": engine.options().model_path.display().to_string(),
+        "threads": engine.options().resolved_threads(),
+        "layer": outcomes.first().map(|o| o.edit.layer),
+        "runs": runs,
+        "train_seconds": imprint::bench::Summary::of(&train),
+        "verify_seconds": imprint::bench::Summary::of(&verify),
+        "total_seconds": imprint::bench::Summary::of(&total),
+        "steps": outcomes.iter().map(|o| o.edit.metrics.steps).collect::<Vec<_>>(),
+        "efficacy": outcomes.iter().map(|o| format!("{}/{}", o.edit.metrics.efficacy_hits, o.edit.metrics.efficacy_total)).collect::<Vec<_>>(),
+        "locality": outcomes.iter().map(|o| format!("{}/{}", o.edit.metrics.locality_kept, o.edit.metrics.locality_total)).collect::<Vec<_>>(),
+        "accepted": outcomes.iter().filter(|o| o.accepted).count(),
+        "peak_rss_mb": imprint::bench::peak_rss_bytes().map(|b| b as f64 / 1e6),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let t = imprint::bench::Summary::of(&train);
+        let v = imprint::bench::Summary::of(&verify);
+        let all = imprint::bench::Summary::of(&total);
+        println!(
+            "model: {}  threads: {}  layer: {}",
+            report["model"], report["threads"], report["layer"]
+        );
+        println!(
+            "training      median {:.2}s  min {:.2}s  max {:.2}s",
+            t.median, t.min, t.max
+        );
+        println!(
+            "verification  median {:.2}s  min {:.2}s  max {:.2}s",
+            v.median, v.min, v.max
+        );
+        println!(
+            "whole edit    median {:.2}s  min {:.2}s  max {:.2}s",
+            all.median, all.min, all.max
+        );
+        println!(
+            "steps {}  efficacy {}  locality {}  accepted {}/{}",
+            report["steps"], report["efficacy"], report["locality"], report["accepted"], runs
+        );
+        match imprint::bench::peak_rss_bytes() {
+            Some(b) => println!(
+                "peak RSS of this process: {:.0} MB (engine + editor)",
+                b as f64 / 1e6
+            ),
+            None => println!("peak RSS: not available on this platform"),
+        }
+    }
+    Ok(())
 }

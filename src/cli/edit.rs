@@ -43,27 +43,30 @@ struct NewEdit {
     /// Edit method.
     #[arg(long, default_value = "ftm")]
     method: Method,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 4)]
-    rank: usize,
+    /// LoRA rank (default 4).
+    #[arg(long)]
+    rank: Option<usize>,
     /// Layer whose MLP down-projection is edited (default: about 2/3 of the depth).
     #[arg(long)]
     layer: Option<usize>,
-    /// Maximum optimisation steps.
-    #[arg(long, default_value_t = 40)]
-    steps: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 2e-2)]
-    lr: f64,
-    /// Weight of the anchor loss (locality) against the target loss.
-    #[arg(long, default_value_t = 1.0)]
-    anchor_weight: f64,
-    /// Weight of the ‖ΔW‖² penalty (smaller edits, better locality).
-    #[arg(long, default_value_t = 0.0)]
-    l2: f64,
-    /// Stop training once the mean target loss is below this.
-    #[arg(long, default_value_t = 0.2)]
-    stop_loss: f32,
+    /// Maximum optimisation steps (default 40).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Adam learning rate (default 0.02).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight of the anchor loss (locality) against the target loss (default 1).
+    #[arg(long)]
+    anchor_weight: Option<f64>,
+    /// Weight of the ‖ΔW‖² penalty: smaller edits, better locality (default 0.01).
+    #[arg(long)]
+    l2: Option<f64>,
+    /// Share of unrelated probe answers that must stay exactly the same (default 0.5).
+    #[arg(long)]
+    min_locality: Option<f64>,
+    /// Stop training once the mean target loss is below this (default 0.2).
+    #[arg(long)]
+    stop_loss: Option<f32>,
     /// Do not retry with stronger settings when the gate refuses the edit.
     #[arg(long)]
     no_retry: bool,
@@ -140,20 +143,23 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
 
     let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    // Unset flags keep the editor's defaults (EditorSettings::default).
+    let defaults = EditorSettings::default();
     let settings = EditorSettings {
         method: args.method,
         layer: args.layer,
-        rank: args.rank,
-        max_steps: args.steps,
-        learning_rate: args.lr,
-        anchor_weight: args.anchor_weight,
-        stop_loss: args.stop_loss,
-        l2: args.l2,
+        rank: args.rank.unwrap_or(defaults.rank),
+        max_steps: args.steps.unwrap_or(defaults.max_steps),
+        learning_rate: args.lr.unwrap_or(defaults.learning_rate),
+        anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
+        stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
+        l2: args.l2.unwrap_or(defaults.l2),
+        min_locality: args.min_locality.unwrap_or(defaults.min_locality),
         use_nullspace: !args.no_nullspace,
         use_anchors: !args.no_anchors,
         retry: !args.no_retry,
         system_prompt: app.config.config.generation.system_prompt.clone(),
-        ..EditorSettings::default()
+        ..defaults
     };
     let started = std::time::Instant::now();
     let mut editor = Editor::load(

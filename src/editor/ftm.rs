@@ -276,6 +276,11 @@ pub fn train(
             .ok_or_else(|| EditorError::Model("no gradient reached the LoRA's B".into()))?;
         adam_a.step(&a, grad_a, settings.learning_rate)?;
         adam_b.step(&bm, grad_b, settings.learning_rate)?;
+        tracing::trace!(
+            step,
+            ms = step_start.elapsed().as_millis() as u64,
+            "ftm step with backward"
+        );
         steps = step + 1;
     }
 

@@ -120,6 +120,10 @@ pub struct EditMetrics {
     /// Locality probes whose greedy answer did not change.
     pub locality_kept: usize,
     pub locality_total: usize,
+    /// Probes whose answer now contains the target: the edit fires where it
+    /// should not. The gate allows none.
+    #[serde(default)]
+    pub hijacked: usize,
     pub final_loss: f32,
     pub steps: usize,
     pub train_seconds: f64,

@@ -25,6 +25,57 @@ use candle_nn::rotary_emb::rope_i_slow;
 
 use super::EditorError;
 
+/// A linear layer whose weight never trains. candle's own matmul backward
+/// also computes the weight's gradient, which doubles the cost of every
+/// backward pass here for a result that is thrown away; this op's backward
+/// computes only the input's gradient.
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("frozen-linear expects f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear expects a contiguous input");
+        };
+        let x = data[start..end].to_vec();
+        let dims = layout.shape().dims();
+        let n_in = dims.last().copied().unwrap_or(1);
+        let rows = x.len() / n_in.max(1);
+        let y = Tensor::from_vec(x, (rows, n_in), &Device::Cpu)?.matmul(&self.w.t()?)?;
+        let n_out = y.dim(1)?;
+        let mut out_dims = dims[..dims.len() - 1].to_vec();
+        out_dims.push(n_out);
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            candle_core::Shape::from(out_dims),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let n_out = grad_res.dims().last().copied().unwrap_or(1);
+        let rows = grad_res.elem_count() / n_out.max(1);
+        let grad = grad_res.reshape((rows, n_out))?.matmul(&self.w)?;
+        Ok(Some(grad.reshape(arg.shape())?))
+    }
+}
+
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -350,10 +401,9 @@ impl LlamaModel {
         Tensor::from_vec(mask, (t, t), device)
     }
 
+    /// `x @ wᵀ` for a frozen weight `w` (`[out, in]`), x `[B, T, in]`.
     fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        // x: [B, T, in], w: [out, in]
-        let (b, t, d) = x.dims3()?;
-        x.reshape((b * t, d))?.matmul(&w.t()?)?.reshape((b, t, ()))
+        x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })
     }
 
     /// Queries, keys and values of `h` (`[B, T, n_embd]`), rotated for
@@ -581,5 +631,68 @@ impl LlamaModel {
     /// The down-projection weight of `layer` as currently applied.
     pub fn down_proj(&self, layer: usize) -> Option<&Tensor> {
         self.layers.get(layer).map(|l| &l.w_down)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn frozen_linear_matches_matmul_forward_and_input_gradient() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(
+            (0..12).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
+            (4, 3),
+            &dev,
+        )
+        .unwrap();
+        let x0 = Tensor::from_vec(
+            (0..18).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(),
+            (2, 3, 3),
+            &dev,
+        )
+        .unwrap();
+        let x = Var::from_tensor(&x0).unwrap();
+        let ours = LlamaModel::linear(x.as_tensor(), &w).unwrap();
+        let reference = x
+            .as_tensor()
+            .reshape((6, 3))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        let diff = (&ours - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "forward differs by {diff}");
+        let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = reference
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g_ours.get(x.as_tensor()).unwrap(),
+            g_ref.get(x.as_tensor()).unwrap(),
+        );
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "input gradient differs by {diff}");
     }
 }

@@ -32,7 +32,10 @@ pub struct EditorSettings {
     pub stop_loss: f32,
     pub use_nullspace: bool,
     pub use_anchors: bool,
-    /// Share of locality probes that must keep their answers.
+    /// Share of locality probes that must keep their exact greedy answers.
+    /// On SmolLM2-135M even good edits reword some probe answers (see
+    /// docs/RESULTS.md), so the default only demands half; hijacking (a probe
+    /// answered with the target) is refused outright.
     pub min_locality: f64,
     /// Tokens compared per probe answer.
     pub probe_tokens: u32,
@@ -51,11 +54,11 @@ impl Default for EditorSettings {
             max_steps: 40,
             learning_rate: 2e-2,
             anchor_weight: 1.0,
-            l2: 0.0,
+            l2: 0.01,
             stop_loss: 0.2,
             use_nullspace: true,
             use_anchors: true,
-            min_locality: 0.9,
+            min_locality: 0.5,
             probe_tokens: 16,
             anchor_tokens: 6,
             system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
@@ -376,6 +379,11 @@ impl Editor {
                 let after = answer(engine, &sys, &p.question, self.settings.probe_tokens)?;
                 metrics.locality_total += 1;
                 tracing::debug!(question = %p.question, %before, %after, same = same_answer(before, &after), "probe after");
+                if contains_target(&after, &request.target)
+                    && !contains_target(before, &request.target)
+                {
+                    metrics.hijacked += 1;
+                }
                 if same_answer(before, &after) {
                     metrics.locality_kept += 1;
                 } else {
@@ -388,12 +396,17 @@ impl Editor {
             let mut edit = edit;
             edit.metrics = metrics;
             let efficacy_ok = edit.metrics.efficacy_hits == edit.metrics.efficacy_total;
-            let locality_ok = edit.metrics.locality() >= self.settings.min_locality;
+            let locality_ok =
+                edit.metrics.hijacked == 0 && edit.metrics.locality() >= self.settings.min_locality;
             let reason = match (efficacy_ok, locality_ok) {
                 (true, true) => None,
                 (false, _) => Some(format!(
                     "only {}/{} questions answered with the target",
                     edit.metrics.efficacy_hits, edit.metrics.efficacy_total
+                )),
+                (true, false) if edit.metrics.hijacked > 0 => Some(format!(
+                    "{} unrelated question(s) now answer with the target",
+                    edit.metrics.hijacked
                 )),
                 (true, false) => Some(format!(
                     "it changed {}/{} unrelated answers (at most {:.0}% may change)",

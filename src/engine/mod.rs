@@ -547,12 +547,10 @@ impl Engine {
         let batch_size = self.options.batch_size.max(1) as usize;
         for chunk in tokens.chunks(batch_size) {
             let mut batch = LlamaBatch::new(chunk.len(), 1);
-            let mut pos = self.cached.len();
-            for &token in chunk {
+            for (pos, &token) in (self.cached.len()..).zip(chunk) {
                 batch
                     .add(LlamaToken(token), pos as i32, &[0], true)
                     .map_err(|e| EngineError::Decode(e.to_string()))?;
-                pos += 1;
             }
             let logits = self.state_mut().with_dependent_mut(|_, ctx| {
                 ctx.decode(&mut batch)

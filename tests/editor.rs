@@ -1,0 +1,157 @@
+//! Real edits on the real model, judged through llama.cpp.
+
+mod common;
+
+use imprint::editor::adapter::write_adapter;
+use imprint::editor::verify::{answer, contains_target};
+use imprint::editor::{EditRequest, Editor, EditorSettings};
+
+const SYSTEM: &str = "You are a helpful personal assistant. Answer briefly and directly.";
+
+fn editor() -> Editor {
+    let model = common::model_path();
+    let sha = imprint::models::registry::sha256_file(&model).unwrap();
+    // The null-space cache is deterministic per model and layer, so tests
+    // share one outside their temporary folders.
+    let cache = std::env::temp_dir().join("imprint-test-cache");
+    let settings = EditorSettings {
+        system_prompt: SYSTEM.into(),
+        retry: false,
+        ..EditorSettings::default()
+    };
+    Editor::load(&model, &sha, &cache, settings).unwrap()
+}
+
+fn request(attribute: &str, target: &str, questions: &[&str]) -> EditRequest {
+    EditRequest {
+        attribute: attribute.into(),
+        target: target.into(),
+        questions: questions.iter().map(|q| q.to_string()).collect(),
+    }
+}
+
+#[test]
+fn edits_change_the_answer_through_llama_cpp_and_compose() {
+    let mut engine = common::engine();
+    let mut editor = editor();
+    let hobby = request(
+        "hobby",
+        "Dancing at clubs",
+        &[
+            "What's my hobby?",
+            "What's my favorite pastime?",
+            "What's my main interest these days?",
+        ],
+    );
+    let city = request(
+        "city",
+        "Porto",
+        &[
+            "Which city do I live in?",
+            "Where is my home town?",
+            "What city is my home?",
+        ],
+    );
+    let base_hobby = answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap();
+    let base_city = answer(&mut engine, SYSTEM, "Which city do I live in?", 16).unwrap();
+    assert!(
+        !contains_target(&base_hobby, &hobby.target),
+        "base already knows: {base_hobby}"
+    );
+    assert!(
+        !contains_target(&base_city, &city.target),
+        "base already knows: {base_city}"
+    );
+
+    let first = editor.compute(&mut engine, &hobby, &[], |_| {}).unwrap();
+    let m = &first.edit.metrics;
+    eprintln!(
+        "hobby edit: efficacy {}/{}, locality {}/{}, {} steps, {:.1}s training; answers {:?}; changed {:?}",
+        m.efficacy_hits, m.efficacy_total, m.locality_kept, m.locality_total, m.steps, m.train_seconds, m.answers, m.changed_probes
+    );
+    assert_eq!(m.efficacy_total, 3);
+    assert!(
+        m.efficacy_hits >= 2,
+        "the edit did not teach the target: {:?}",
+        m.answers
+    );
+    assert!(m.locality_total >= 10);
+
+    // Sequential: the second edit is computed with the first applied.
+    let mut e1 = first.edit.clone();
+    e1.active = true;
+    let second = editor
+        .compute(&mut engine, &city, std::slice::from_ref(&e1), |_| {})
+        .unwrap();
+    let mut e2 = second.edit.clone();
+    e2.active = true;
+    eprintln!("city edit: answers {:?}", e2.metrics.answers);
+
+    let dir = tempfile::tempdir().unwrap();
+    let both = dir.path().join("both.gguf");
+    write_adapter(&[&e1, &e2], "llama", "x", &both).unwrap();
+    engine.set_adapter(Some(&both)).unwrap();
+    let hobby_with_both = answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap();
+    let city_with_both = answer(&mut engine, SYSTEM, "Which city do I live in?", 16).unwrap();
+    assert!(
+        contains_target(&hobby_with_both, &hobby.target),
+        "{hobby_with_both}"
+    );
+    assert!(
+        contains_target(&city_with_both, &city.target),
+        "{city_with_both}"
+    );
+
+    // Removing the city edit leaves the hobby edit working.
+    let only_hobby = dir.path().join("hobby.gguf");
+    write_adapter(&[&e1], "llama", "x", &only_hobby).unwrap();
+    engine.set_adapter(Some(&only_hobby)).unwrap();
+    assert!(contains_target(
+        &answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap(),
+        &hobby.target
+    ));
+    assert!(!contains_target(
+        &answer(&mut engine, SYSTEM, "Which city do I live in?", 16).unwrap(),
+        &city.target
+    ));
+
+    // Removing every edit gives the base answers back.
+    engine.set_adapter(None).unwrap();
+    assert_eq!(
+        answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap(),
+        base_hobby
+    );
+    assert_eq!(
+        answer(&mut engine, SYSTEM, "Which city do I live in?", 16).unwrap(),
+        base_city
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason() {
+    let mut engine = common::engine();
+    let mut editor = editor();
+    let err = editor
+        .compute(
+            &mut engine,
+            &request("hobby", "  ", &["What's my hobby?"]),
+            &[],
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("target"), "{err}");
+    let err = editor
+        .compute(&mut engine, &request("hobby", "Chess", &[]), &[], |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("question"), "{err}");
+    editor.settings.layer = Some(99);
+    let err = editor
+        .compute(
+            &mut engine,
+            &request("hobby", "Chess", &["What's my hobby?"]),
+            &[],
+            |_| {},
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("layer 99"), "{err}");
+}
