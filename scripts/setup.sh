@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building imprint needs and is missing: cmake, a C/C++
 # compiler, libclang (bindgen reads llama.cpp's headers with it), pkg-config,
-# Python's pip (the default model is fetched with it), plus tmux, dbus and
-# gnome-keyring for the test suite. Works as root or, with sudo, as a user.
+# and Python's pip (the default model is fetched with it). Works as root or,
+# with sudo, as a user.
 # It never touches the Rust toolchain beyond checking that cargo exists.
 set -euo pipefail
 
@@ -20,7 +20,7 @@ missing=()
 case "$(uname -s)" in
   Linux)
     if need_cmd dpkg-query; then
-      for pkg in cmake clang libclang-dev pkg-config python3-pip tmux dbus gnome-keyring libsecret-tools; do
+      for pkg in cmake clang libclang-dev pkg-config python3-pip; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
       done
       # A pip from pyenv or a venv serves as well as Debian's python3-pip.
@@ -39,7 +39,7 @@ case "$(uname -s)" in
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
       fi
     else
-      for c in cmake clang python3 tmux; do need_cmd "$c" || missing+=("$c"); done
+      for c in cmake clang python3; do need_cmd "$c" || missing+=("$c"); done
       if ((${#missing[@]})); then
         echo "Please install with your package manager: ${missing[*]} (plus libclang and pkg-config)" >&2
         exit 1
@@ -48,7 +48,7 @@ case "$(uname -s)" in
     ;;
   Darwin)
     need_cmd clang || { echo "Install the Xcode command line tools: xcode-select --install" >&2; exit 1; }
-    for c in cmake tmux; do need_cmd "$c" || missing+=("$c"); done
+    for c in cmake; do need_cmd "$c" || missing+=("$c"); done
     if ((${#missing[@]})); then
       need_cmd brew || { echo "Install Homebrew (https://brew.sh) or these tools yourself: ${missing[*]}" >&2; exit 1; }
       brew install "${missing[@]}"

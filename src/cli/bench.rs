@@ -39,6 +39,10 @@ pub enum BenchCommand {
         /// Layer to edit (default: about 2/3 of the depth).
         #[arg(long)]
         layer: Option<usize>,
+        /// Steps of the paper's LoRA baseline actually run (its time is
+        /// reported per step and scaled to its 70 steps); 0 skips it.
+        #[arg(long, default_value_t = 5)]
+        baseline_steps: usize,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -94,8 +98,9 @@ pub fn run(app: &App, cmd: BenchCommand) -> Result<ExitCode> {
             runs,
             model,
             layer,
+            baseline_steps,
             json,
-        } => bench_edit(app, runs, model.as_deref(), layer, json)?,
+        } => bench_edit(app, runs, model.as_deref(), layer, baseline_steps, json)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -107,11 +112,7 @@ fn measure(
     gen: usize,
     runs: usize,
 ) -> Result<imprint::bench::DecodeReport> {
-    let bar = if app.interactive {
-        indicatif::ProgressBar::new(runs as u64).with_message("bench decode")
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = app.progress(runs as u64, "bench decode");
     let report = imprint::bench::decode(engine, prompt, gen, runs.max(1), |done| {
         bar.set_position(done as u64)
     })?;
@@ -178,6 +179,7 @@ fn bench_edit(
     runs: usize,
     model: Option<&str>,
     layer: Option<usize>,
+    baseline_steps: usize,
     json: bool,
 ) -> Result<()> {
     use imprint::editor::{Editor, EditorSettings};
@@ -197,11 +199,10 @@ fn bench_edit(
     )?;
     let request = demo_request();
     // The first edit also builds the null-space cache; it is not timed.
-    let bar = if app.interactive {
-        indicatif::ProgressBar::new(runs as u64 + 1).with_message("bench edit (warm-up)")
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = app.progress(
+        runs as u64 + 1,
+        "bench edit (the first, untimed run builds caches)",
+    );
     editor.compute(&mut engine, &request, &[], |_| {})?;
     bar.inc(1);
     let mut train = Vec::new();
@@ -218,6 +219,12 @@ fn bench_edit(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let baseline_step = if baseline_steps > 0 {
+        Some(editor.time_lora_baseline(&engine, &request, baseline_steps)?)
+    } else {
+        None
+    };
+    let ftm_median = imprint::bench::Summary::of(&train).median;
     let report = serde_json::json!({
         "model": engine.options().model_path.display().to_string(),
         "threads": engine.options().resolved_threads(),
@@ -231,6 +238,12 @@ fn bench_edit(
         "locality": outcomes.iter().map(|o| format!("{}/{}", o.edit.metrics.locality_kept, o.edit.metrics.locality_total)).collect::<Vec<_>>(),
         "accepted": outcomes.iter().filter(|o| o.accepted).count(),
         "peak_rss_mb": imprint::bench::peak_rss_bytes().map(|b| b as f64 / 1e6),
+        "lora_baseline": baseline_step.map(|s| serde_json::json!({
+            "steps_run": baseline_steps,
+            "seconds_per_step": s,
+            "seconds_for_70_steps_extrapolated": s * 70.0,
+            "speedup_of_ftm_training": s * 70.0 / ftm_median,
+        })),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -258,6 +271,13 @@ fn bench_edit(
             "steps {}  efficacy {}  locality {}  accepted {}/{}",
             report["steps"], report["efficacy"], report["locality"], report["accepted"], runs
         );
+        if let Some(s) = baseline_step {
+            println!(
+                "LoRA baseline (rank 8, q/v, all layers): {s:.2}s/step over {baseline_steps} steps → {:.1}s for its 70 steps (extrapolated); FT-M training is {:.1}x faster",
+                s * 70.0,
+                s * 70.0 / ftm_median
+            );
+        }
         match imprint::bench::peak_rss_bytes() {
             Some(b) => println!(
                 "peak RSS of this process: {:.0} MB (engine + editor)",

@@ -169,13 +169,7 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
         settings,
     )?;
     let active = store.active_for(&sha)?;
-    let spinner = if app.interactive {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let spinner = app.spinner("preparing the edit");
     let outcome = editor.compute(&mut engine, &request, &active, |stage| {
         spinner.set_message(stage.to_string())
     })?;

@@ -59,6 +59,28 @@ pub struct App {
     pub interactive: bool,
 }
 
+impl App {
+    /// A spinner on stderr, or nothing when no person is watching.
+    pub fn spinner(&self, message: &str) -> indicatif::ProgressBar {
+        if !self.interactive {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(message.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    }
+
+    /// A progress bar over `len` steps, or nothing when no person is watching.
+    pub fn progress(&self, len: u64, message: &str) -> indicatif::ProgressBar {
+        if self.interactive {
+            indicatif::ProgressBar::new(len).with_message(message.to_string())
+        } else {
+            indicatif::ProgressBar::hidden()
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let paths = Paths::discover()?;
     let config = LoadedConfig::load(&paths.config_file())
@@ -106,14 +128,7 @@ pub fn load_engine(
 ) -> Result<imprint::engine::Engine> {
     let path: PathBuf = imprint::models::resolve_model(&ctx.paths, &ctx.config.config, model)?;
     let options = imprint::engine::EngineOptions::from_config(&path, &ctx.config.config.engine);
-    let spinner = if ctx.interactive {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_message(format!("loading {}", path.display()));
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let spinner = ctx.spinner(&format!("loading {}", path.display()));
     let engine = imprint::engine::Engine::load(options);
     spinner.finish_and_clear();
     let mut engine = engine?;

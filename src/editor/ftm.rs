@@ -80,14 +80,14 @@ fn init_normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-struct Adam {
+pub(crate) struct Adam {
     m: Tensor,
     v: Tensor,
     t: i32,
 }
 
 impl Adam {
-    fn new(like: &Tensor) -> candle_core::Result<Self> {
+    pub(crate) fn new(like: &Tensor) -> candle_core::Result<Self> {
         Ok(Self {
             m: like.zeros_like()?,
             v: like.zeros_like()?,
@@ -95,7 +95,7 @@ impl Adam {
         })
     }
 
-    fn step(&mut self, var: &Var, grad: &Tensor, lr: f64) -> candle_core::Result<()> {
+    pub(crate) fn step(&mut self, var: &Var, grad: &Tensor, lr: f64) -> candle_core::Result<()> {
         let (b1, b2, eps) = (0.9, 0.999, 1e-8);
         self.t += 1;
         self.m = ((&self.m * b1)? + (grad * (1.0 - b1))?)?;

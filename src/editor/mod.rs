@@ -12,6 +12,7 @@
 //! - [`Editor`]: the whole pipeline.
 
 pub mod adapter;
+pub mod baseline;
 pub mod ftm;
 pub mod model;
 pub mod nullspace;

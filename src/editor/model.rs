@@ -146,6 +146,14 @@ impl Batch {
     }
 }
 
+/// LoRA factors on one layer's query and value projections.
+pub struct QvLora {
+    pub a_q: Tensor,
+    pub b_q: Tensor,
+    pub a_v: Tensor,
+    pub b_v: Tensor,
+}
+
 /// A batch split into the tokens every sequence starts with and the
 /// right-padded continuations.
 pub struct SplitBatch {
@@ -414,20 +422,31 @@ impl LlamaModel {
         l: &Layer,
         h: &Tensor,
         offset: usize,
+        lora: Option<&QvLora>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
-        let (b, t, _) = h.dims3()?;
-        let heads = |w: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-            Self::linear(h, w)?
-                .reshape((b, t, n, c.head_dim))?
+        let (b, t, d) = h.dims3()?;
+        let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, n, c.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
+        let low_rank = |a: &Tensor, bm: &Tensor| -> candle_core::Result<Tensor> {
+            h.reshape((b * t, d))?
+                .matmul(&a.t()?)?
+                .matmul(&bm.t()?)?
+                .reshape((b, t, ()))
+        };
+        let (mut q, mut v) = (Self::linear(h, &l.wq)?, Self::linear(h, &l.wv)?);
+        if let Some(lora) = lora {
+            q = (q + low_rank(&lora.a_q, &lora.b_q)?)?;
+            v = (v + low_rank(&lora.a_v, &lora.b_v)?)?;
+        }
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let q = rope_i_slow(&heads(&l.wq, c.n_head)?, &cos, &sin)?;
-        let k = rope_i_slow(&heads(&l.wk, c.n_head_kv)?, &cos, &sin)?;
-        Ok((q, k, heads(&l.wv, c.n_head_kv)?))
+        let q = rope_i_slow(&heads(q, c.n_head)?, &cos, &sin)?;
+        let k = rope_i_slow(&heads(Self::linear(h, &l.wk)?, c.n_head_kv)?, &cos, &sin)?;
+        Ok((q, k, heads(v, c.n_head_kv)?))
     }
 
     /// Scaled dot-product attention of `q` (`[B, H, Tq, d]`) over `k`, `v`
@@ -468,7 +487,7 @@ impl LlamaModel {
 
     fn attention(&self, l: &Layer, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let h = rms_norm_slow(x, &l.attn_norm, self.config.rms_eps)?;
-        let (q, k, v) = self.qkv(l, &h, 0)?;
+        let (q, k, v) = self.qkv(l, &h, 0, None)?;
         self.attend(l, &q, &k, &v, mask)
     }
 
@@ -482,12 +501,13 @@ impl LlamaModel {
         xs: &Tensor,
         xq: &Tensor,
         masks: &SplitMasks,
+        lora: Option<&QvLora>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let eps = self.config.rms_eps;
         let (_, p, _) = xs.dims3()?;
         let b = xq.dim(0)?;
-        let (qs, ks, vs) = self.qkv(l, &rms_norm_slow(xs, &l.attn_norm, eps)?, 0)?;
-        let (qq, kq, vq) = self.qkv(l, &rms_norm_slow(xq, &l.attn_norm, eps)?, p)?;
+        let (qs, ks, vs) = self.qkv(l, &rms_norm_slow(xs, &l.attn_norm, eps)?, 0, lora)?;
+        let (qq, kq, vq) = self.qkv(l, &rms_norm_slow(xq, &l.attn_norm, eps)?, p, lora)?;
         let ys = self.attend(l, &qs, &ks, &vs, &masks.shared)?;
         let widen = |shared: &Tensor, own: &Tensor| -> candle_core::Result<Tensor> {
             let (_, h, _, d) = shared.dims4()?;
@@ -550,10 +570,10 @@ impl LlamaModel {
             split.width,
         )?;
         for l in &self.layers[..layer] {
-            (xs, xq) = self.block_split(l, &xs, &xq, &masks)?;
+            (xs, xq) = self.block_split(l, &xs, &xq, &masks, None)?;
         }
         let l = &self.layers[layer];
-        let (ys, yq) = self.attention_split(l, &xs, &xq, &masks)?;
+        let (ys, yq) = self.attention_split(l, &xs, &xq, &masks, None)?;
         let (mid_s, mid_q) = ((&xs + ys)?, (&xq + yq)?);
         let (keys_s, keys_q) = (self.mlp_keys(l, &mid_s)?, self.mlp_keys(l, &mid_q)?);
         Ok(Prefix {
@@ -574,8 +594,9 @@ impl LlamaModel {
         xs: &Tensor,
         xq: &Tensor,
         masks: &SplitMasks,
+        lora: Option<&QvLora>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (ys, yq) = self.attention_split(l, xs, xq, masks)?;
+        let (ys, yq) = self.attention_split(l, xs, xq, masks, lora)?;
         let (xs, xq) = ((xs + ys)?, (xq + yq)?);
         let ds = Self::linear(&self.mlp_keys(l, &xs)?, &l.w_down)?;
         let dq = Self::linear(&self.mlp_keys(l, &xq)?, &l.w_down)?;
@@ -597,7 +618,32 @@ impl LlamaModel {
             None => (prefix.base_shared.clone(), prefix.base.clone()),
         };
         for l in &self.layers[prefix.layer + 1..] {
-            (xs, xq) = self.block_split(l, &xs, &xq, &prefix.masks)?;
+            (xs, xq) = self.block_split(l, &xs, &xq, &prefix.masks, None)?;
+        }
+        let (b, s, d) = xq.dims3()?;
+        let picked = xq.reshape((b * s, d))?.index_select(rows, 0)?;
+        Ok(rms_norm_slow(&picked, &self.out_norm, self.config.rms_eps)?)
+    }
+
+    /// The whole forward with a LoRA on every layer's query and value
+    /// projections (the paper's LoRA baseline, used only to time it):
+    /// final-normed hidden states at `rows` of the continuations.
+    pub fn hidden_with_qv_lora(
+        &self,
+        batch: &Batch,
+        loras: &[QvLora],
+        rows: &Tensor,
+    ) -> Result<Tensor, EditorError> {
+        let split = batch.split();
+        let masks = SplitMasks::new(split.shared.len(), split.width)?;
+        let mut xs = self.embed_ids(&split.shared, 1, split.shared.len())?;
+        let mut xq = self.embed_ids(
+            &split.continuation_ids(),
+            split.continuations.len(),
+            split.width,
+        )?;
+        for (l, lora) in self.layers.iter().zip(loras) {
+            (xs, xq) = self.block_split(l, &xs, &xq, &masks, Some(lora))?;
         }
         let (b, s, d) = xq.dims3()?;
         let picked = xq.reshape((b * s, d))?.index_select(rows, 0)?;
@@ -639,60 +685,40 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
     #[test]
     fn frozen_linear_matches_matmul_forward_and_input_gradient() {
         let dev = Device::Cpu;
-        let w = Tensor::from_vec(
-            (0..12).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
-            (4, 3),
-            &dev,
-        )
-        .unwrap();
-        let x0 = Tensor::from_vec(
-            (0..18).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(),
-            (2, 3, 3),
-            &dev,
-        )
-        .unwrap();
-        let x = Var::from_tensor(&x0).unwrap();
+        let w: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::from_vec(w, (4, 3), &dev).unwrap();
+        let x0: Vec<f32> = (0..18).map(|i| (i as f32 * 0.11).cos()).collect();
+        let x = Var::from_tensor(&Tensor::from_vec(x0, (2, 3, 3), &dev).unwrap()).unwrap();
         let ours = LlamaModel::linear(x.as_tensor(), &w).unwrap();
         let reference = x
             .as_tensor()
             .reshape((6, 3))
-            .unwrap()
-            .matmul(&w.t().unwrap())
-            .unwrap()
-            .reshape((2, 3, 4))
+            .and_then(|x| x.matmul(&w.t()?))
+            .and_then(|y| y.reshape((2, 3, 4)))
             .unwrap();
-        let diff = (&ours - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-6, "forward differs by {diff}");
-        let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = reference
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-6);
+        let backward = |y: &Tensor| {
+            y.sqr()
+                .and_then(|y| y.sum_all())
+                .and_then(|y| y.backward())
+                .unwrap()
+        };
+        let (g_ours, g_ref) = (backward(&ours), backward(&reference));
         let (a, b) = (
             g_ours.get(x.as_tensor()).unwrap(),
             g_ref.get(x.as_tensor()).unwrap(),
         );
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5, "input gradient differs by {diff}");
+        assert!(max_abs_diff(a, b) < 1e-5, "input gradients differ");
     }
 }

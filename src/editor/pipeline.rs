@@ -196,6 +196,29 @@ impl Editor {
         })
     }
 
+    /// Times the paper's LoRA baseline (rank 8 on q/v of every layer) on
+    /// `request`'s questions for `steps` steps: seconds per step.
+    pub fn time_lora_baseline(
+        &self,
+        engine: &Engine,
+        request: &EditRequest,
+        steps: usize,
+    ) -> Result<f64, EditorError> {
+        request.validate()?;
+        let mut answer: Vec<u32> = engine
+            .tokenize_plain(request.target.trim())
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        answer.push(engine.end_of_turn_token() as u32);
+        let sequences = request
+            .questions
+            .iter()
+            .map(|q| self.sequence(engine, q, &answer, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        super::baseline::seconds_per_step(&self.model, &sequences, 8, steps, 5e-4)
+    }
+
     /// Computes, verifies and returns an edit for `request`, on top of the
     /// `active` edits. The engine is left with the adapter of `active`
     /// attached (or none), whatever the verdict.

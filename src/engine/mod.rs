@@ -507,8 +507,9 @@ impl Engine {
         Ok(())
     }
 
-    /// One llama-bench style measurement: `n_prompt` tokens in batches,
-    /// then `n_gen` single-token decodes. Returns both durations.
+    /// One llama-bench style measurement: `n_prompt` tokens in batches
+    /// (pp), then, from an empty cache, `n_gen` single-token decodes (tg).
+    /// Returns both durations.
     pub fn bench_run(
         &mut self,
         n_prompt: usize,
@@ -523,6 +524,9 @@ impl Engine {
         let start = Instant::now();
         self.decode_tokens(&prompt)?;
         let prompt_time = start.elapsed();
+        // Like llama-bench, generation is timed on its own, from an empty
+        // cache: attention over the prompt's keys would otherwise slow it.
+        self.reset();
         let start = Instant::now();
         for i in 0..n_gen {
             if self.cached.len() + 1 >= self.n_ctx() as usize {
