@@ -6,6 +6,7 @@
 //!
 //! - [`engine`]: llama.cpp inference, chat templates, streaming, adapters.
 //! - [`editor`]: computing, verifying and assembling weight edits.
+//! - [`eval`]: the UPQA benchmark harness.
 //! - [`models`]: fetching, validating and choosing GGUF models.
 //! - [`config`] and [`paths`]: settings and where files live.
 //! - [`bench`]: throughput measurements.
@@ -14,5 +15,6 @@ pub mod bench;
 pub mod config;
 pub mod editor;
 pub mod engine;
+pub mod eval;
 pub mod models;
 pub mod paths;

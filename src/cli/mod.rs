@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod config_cmd;
 mod edit;
+mod eval;
 mod model;
 
 use std::io::IsTerminal;
@@ -46,6 +47,9 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     /// Teach the model a preference by editing its weights; list or remove edits.
     Edit(edit::EditArgs),
+    /// Measure personalization quality on benchmark data.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -97,6 +101,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Model(cmd) => model::run(&ctx, cmd),
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
         Command::Edit(args) => edit::run(&ctx, args),
+        Command::Eval(cmd) => eval::run(&ctx, cmd),
         Command::Bench(cmd) => bench::run(&ctx, cmd),
     }
 }

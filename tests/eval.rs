@@ -1,0 +1,87 @@
+//! `imprint eval upqa` end to end on the real model and the real benchmark
+//! files (read in place from ../shared/data). These check that the harness
+//! runs and its reports are well-formed, not what it scores.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn upqa_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/upqa");
+    assert!(
+        dir.join("balanced_subset.json").is_file(),
+        "UPQA data missing at {}: the benchmark folder must sit beside the repository",
+        dir.display()
+    );
+    dir
+}
+
+fn eval(method: &str, extra: &[&str]) -> serde_json::Value {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("report");
+    let data = upqa_dir();
+    let status = Command::new(env!("CARGO_BIN_EXE_imprint"))
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "upqa", "--method", method, "--model"])
+        .arg(common::model_path())
+        .arg("--data")
+        .arg(data.join("balanced_subset.json"))
+        .arg("--clusters")
+        .arg(data.join("balanced_subset_cluster9.json"))
+        .arg("--out")
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| method | explicit | paraphrased | implicit | product |"),
+        "{md}"
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn check_shape(report: &serde_json::Value, items: usize) {
+    assert_eq!(report["items"], items);
+    let scores = report["scores"].as_array().unwrap();
+    let kinds: Vec<&str> = scores.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["explicit", "paraphrased", "implicit", "product"]);
+    for s in scores {
+        assert_eq!(s["n"], items);
+        let acc = s["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+    }
+    assert_eq!(report["model_sha256"].as_str().unwrap().len(), 64);
+    for r in report["results"].as_array().unwrap() {
+        assert_eq!(r["questions"].as_array().unwrap().len(), 4);
+    }
+}
+
+#[test]
+fn prompt_baseline_smoke_run_on_five_items() {
+    let report = eval("prompt", &["--limit", "5"]);
+    check_shape(&report, 5);
+    assert!(report["edits_accepted"].is_null());
+}
+
+#[test]
+fn ftm_sequential_smoke_run_on_five_items() {
+    // One item of each of five attribute types, one training question each.
+    let report = eval(
+        "ftm",
+        &["--every", "20", "--limit", "5", "--cluster-size", "1"],
+    );
+    check_shape(&report, 5);
+    let accepted = report["edits_accepted"].as_u64().unwrap();
+    assert!(accepted <= 5);
+    for r in report["results"].as_array().unwrap() {
+        assert!(r["edit_seconds"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["training_questions"].as_array().unwrap().len(), 1);
+    }
+}
