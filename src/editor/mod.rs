@@ -125,6 +125,10 @@ pub struct EditMetrics {
     /// should not. The gate allows none.
     #[serde(default)]
     pub hijacked: usize,
+    /// Earlier active edits whose first question answered their target
+    /// before this edit and no longer does. The gate allows none.
+    #[serde(default)]
+    pub broken_edits: usize,
     pub final_loss: f32,
     pub steps: usize,
     pub train_seconds: f64,

@@ -264,6 +264,19 @@ impl Editor {
             probe_before.push(before);
         }
 
+        // Which earlier edits work now: a new edit must not break them.
+        let mut others_before = Vec::new();
+        for other in active {
+            let works = match other.request.questions.first() {
+                Some(q) => {
+                    let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
+                    contains_target(&answer(engine, &sys, q, budget)?, &other.request.target)
+                }
+                None => false,
+            };
+            others_before.push(works);
+        }
+
         let eot = engine.end_of_turn_token() as u32;
         let mut target_tokens: Vec<u32> = engine
             .tokenize_plain(request.target.trim())
@@ -415,17 +428,37 @@ impl Editor {
                         .push(format!("{} → {}", p.question, after.trim()));
                 }
             }
+            for (other, worked) in active.iter().zip(&others_before) {
+                let Some(q) = other.request.questions.first().filter(|_| *worked) else {
+                    continue;
+                };
+                let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
+                let a = answer(engine, &sys, q, budget)?;
+                if !contains_target(&a, &other.request.target) {
+                    metrics.broken_edits += 1;
+                    metrics.changed_probes.push(format!(
+                        "{q} → {} (was {:?})",
+                        a.trim(),
+                        other.request.target
+                    ));
+                }
+            }
             metrics.verify_seconds = verify_start.elapsed().as_secs_f64();
             let mut edit = edit;
             edit.metrics = metrics;
             let efficacy_ok = edit.metrics.efficacy_hits == edit.metrics.efficacy_total;
-            let locality_ok =
-                edit.metrics.hijacked == 0 && edit.metrics.locality() >= self.settings.min_locality;
+            let locality_ok = edit.metrics.hijacked == 0
+                && edit.metrics.broken_edits == 0
+                && edit.metrics.locality() >= self.settings.min_locality;
             let reason = match (efficacy_ok, locality_ok) {
                 (true, true) => None,
                 (false, _) => Some(format!(
                     "only {}/{} questions answered with the target",
                     edit.metrics.efficacy_hits, edit.metrics.efficacy_total
+                )),
+                (true, false) if edit.metrics.broken_edits > 0 => Some(format!(
+                    "it broke {} earlier preference(s): their questions no longer answer their targets",
+                    edit.metrics.broken_edits
                 )),
                 (true, false) if edit.metrics.hijacked > 0 => Some(format!(
                     "{} unrelated question(s) now answer with the target",

@@ -206,7 +206,7 @@ impl UpqaRun<'_> {
             (EvalMethod::Ftm, Some(editor)) => {
                 let mut active: Vec<Edit> = Vec::new();
                 let adapter = self.adapter_dir.join("eval.gguf");
-                for i in 0..n {
+                for (i, r) in results.iter_mut().enumerate() {
                     let request = EditRequest {
                         attribute: self.items[i].attribute_type.clone(),
                         target: self.items[i].target.clone(),
@@ -219,7 +219,6 @@ impl UpqaRun<'_> {
                     };
                     let started = Instant::now();
                     let outcome = editor.compute(engine, &request, context, |_| {})?;
-                    let r = &mut results[i];
                     r.training_questions = request.questions.clone();
                     r.edit_seconds = Some(started.elapsed().as_secs_f64());
                     r.edit_accepted = Some(outcome.accepted);
