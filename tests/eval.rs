@@ -7,11 +7,15 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// `../shared/data/upqa` beside the repository, or IMPRINT_SHARED_DATA/upqa.
 fn upqa_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/upqa");
+    let root = std::env::var_os("IMPRINT_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let dir = root.join("upqa");
     assert!(
         dir.join("balanced_subset.json").is_file(),
-        "UPQA data missing at {}: the benchmark folder must sit beside the repository",
+        "UPQA data missing at {}: the benchmark folder must sit beside the repository (../shared/data) or be named by IMPRINT_SHARED_DATA",
         dir.display()
     );
     dir
