@@ -544,6 +544,30 @@ impl LlamaModel {
             .reshape((b, t, self.config.n_embd))
     }
 
+    /// Splits `batch` and embeds both parts: (split, masks, shared `[1, P, d]`,
+    /// continuations `[B, S, d]`).
+    fn embed_split(
+        &self,
+        batch: &Batch,
+    ) -> candle_core::Result<(SplitBatch, SplitMasks, Tensor, Tensor)> {
+        let split = batch.split();
+        let masks = SplitMasks::new(split.shared.len(), split.width)?;
+        let xs = self.embed_ids(&split.shared, 1, split.shared.len())?;
+        let xq = self.embed_ids(
+            &split.continuation_ids(),
+            split.continuations.len(),
+            split.width,
+        )?;
+        Ok((split, masks, xs, xq))
+    }
+
+    /// The final-normed hidden states of continuations `xq` at flat `rows`.
+    fn normed_rows(&self, xq: &Tensor, rows: &Tensor) -> Result<Tensor, EditorError> {
+        let (b, s, d) = xq.dims3()?;
+        let picked = xq.reshape((b * s, d))?.index_select(rows, 0)?;
+        Ok(rms_norm_slow(&picked, &self.out_norm, self.config.rms_eps)?)
+    }
+
     fn embed_ids(&self, ids: &[u32], rows: usize, cols: usize) -> candle_core::Result<Tensor> {
         let ids = Tensor::from_slice(ids, rows * cols, &Device::Cpu)?;
         self.tok_embd
@@ -561,14 +585,7 @@ impl LlamaModel {
                 self.config.n_layer
             )));
         }
-        let split = batch.split();
-        let masks = SplitMasks::new(split.shared.len(), split.width)?;
-        let mut xs = self.embed_ids(&split.shared, 1, split.shared.len())?;
-        let mut xq = self.embed_ids(
-            &split.continuation_ids(),
-            split.continuations.len(),
-            split.width,
-        )?;
+        let (split, masks, mut xs, mut xq) = self.embed_split(batch)?;
         for l in &self.layers[..layer] {
             (xs, xq) = self.block_split(l, &xs, &xq, &masks, None)?;
         }
@@ -620,9 +637,7 @@ impl LlamaModel {
         for l in &self.layers[prefix.layer + 1..] {
             (xs, xq) = self.block_split(l, &xs, &xq, &prefix.masks, None)?;
         }
-        let (b, s, d) = xq.dims3()?;
-        let picked = xq.reshape((b * s, d))?.index_select(rows, 0)?;
-        Ok(rms_norm_slow(&picked, &self.out_norm, self.config.rms_eps)?)
+        self.normed_rows(&xq, rows)
     }
 
     /// The whole forward with a LoRA on every layer's query and value
@@ -634,20 +649,11 @@ impl LlamaModel {
         loras: &[QvLora],
         rows: &Tensor,
     ) -> Result<Tensor, EditorError> {
-        let split = batch.split();
-        let masks = SplitMasks::new(split.shared.len(), split.width)?;
-        let mut xs = self.embed_ids(&split.shared, 1, split.shared.len())?;
-        let mut xq = self.embed_ids(
-            &split.continuation_ids(),
-            split.continuations.len(),
-            split.width,
-        )?;
+        let (_, masks, mut xs, mut xq) = self.embed_split(batch)?;
         for (l, lora) in self.layers.iter().zip(loras) {
             (xs, xq) = self.block_split(l, &xs, &xq, &masks, Some(lora))?;
         }
-        let (b, s, d) = xq.dims3()?;
-        let picked = xq.reshape((b * s, d))?.index_select(rows, 0)?;
-        Ok(rms_norm_slow(&picked, &self.out_norm, self.config.rms_eps)?)
+        self.normed_rows(&xq, rows)
     }
 
     /// The output projection restricted to vocabulary entries `ids`
