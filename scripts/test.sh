@@ -23,6 +23,6 @@ set -e
 
 passed=$(grep -Eo '^test result: [a-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
-echo "imprint tests: $passed passed, $failed failed"
+echo "tests: $passed passed, $failed failed"
 if [ "$status" -ne 0 ]; then exit "$status"; fi
 if [ "$passed" -eq 0 ]; then echo "no test ran: treating that as a failure" >&2; exit 1; fi
