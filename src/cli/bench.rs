@@ -182,21 +182,15 @@ fn bench_edit(
     baseline_steps: usize,
     json: bool,
 ) -> Result<()> {
-    use imprint::editor::{Editor, EditorSettings};
+    use imprint::editor::EditorSettings;
     let mut engine = super::load_engine(app, model, false)?;
-    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
     let settings = EditorSettings {
         layer,
         retry: false,
         system_prompt: app.config.config.generation.system_prompt.clone(),
         ..EditorSettings::default()
     };
-    let mut editor = Editor::load(
-        &engine.options().model_path,
-        &sha,
-        &app.paths.cache_dir,
-        settings,
-    )?;
+    let (_, mut editor) = super::load_editor(app, &engine, settings)?;
     let request = demo_request();
     // The first edit also builds the null-space cache; it is not timed.
     let bar = app.progress(

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use imprint::editor::store::{rebuild_adapter, EditStore};
-use imprint::editor::{EditRequest, Editor, EditorSettings, Method};
+use imprint::editor::{EditRequest, EditorSettings, Method};
 
 use super::App;
 
@@ -142,7 +142,6 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
     request.validate()?;
 
     let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
-    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
     // Unset flags keep the editor's defaults (EditorSettings::default).
     let defaults = EditorSettings::default();
     let settings = EditorSettings {
@@ -162,12 +161,7 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
         ..defaults
     };
     let started = std::time::Instant::now();
-    let mut editor = Editor::load(
-        &engine.options().model_path,
-        &sha,
-        &app.paths.cache_dir,
-        settings,
-    )?;
+    let (sha, mut editor) = super::load_editor(app, &engine, settings)?;
     let active = store.active_for(&sha)?;
     let spinner = app.spinner("preparing the edit");
     let outcome = editor.compute(&mut engine, &request, &active, |stage| {

@@ -143,6 +143,18 @@ pub fn load_engine(
     Ok(engine)
 }
 
+/// The model's fingerprint and an editor for the engine's model.
+pub fn load_editor(
+    ctx: &App,
+    engine: &imprint::engine::Engine,
+    settings: imprint::editor::EditorSettings,
+) -> Result<(String, imprint::editor::Editor)> {
+    let path = &engine.options().model_path;
+    let sha = imprint::models::fingerprint(&ctx.paths, path)?;
+    let editor = imprint::editor::Editor::load(path, &sha, &ctx.paths.cache_dir, settings)?;
+    Ok((sha, editor))
+}
+
 /// Attaches the adapter of the active edits computed for this model, if any.
 pub fn attach_active_edits(ctx: &App, engine: &mut imprint::engine::Engine) -> Result<usize> {
     use imprint::editor::store::{rebuild_adapter, EditStore};

@@ -230,6 +230,7 @@ pub fn train(
         let logits = hidden.matmul(&out_t)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = log_probs.gather(&labels_t, 1)?.squeeze(1)?;
+        let picked_vals = picked.to_vec1::<f32>()?;
         let mut loss = (picked * &weights_t)?.sum_all()?.neg()?;
         if settings.l2 > 0.0 {
             let norm = bm.as_tensor().matmul(&a_eff)?.sqr()?.sum_all()?;
@@ -238,10 +239,6 @@ pub fn train(
 
         // Convergence is judged on this step's forward, before updating.
         let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let picked_vals = log_probs
-            .gather(&labels_t, 1)?
-            .squeeze(1)?
-            .to_vec1::<f32>()?;
         let target_loss = -target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>()
             / target_rows.len().max(1) as f32;
         final_loss = target_loss;

@@ -265,16 +265,18 @@ impl Editor {
         }
 
         // Which earlier edits work now: a new edit must not break them.
-        let mut others_before = Vec::new();
+        // (question, answer budget) of each earlier edit that works now.
+        let mut others_before: Vec<Option<(&str, u32)>> = Vec::new();
         for other in active {
-            let works = match other.request.questions.first() {
+            let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
+            let working = match other.request.questions.first() {
                 Some(q) => {
-                    let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
                     contains_target(&answer(engine, &sys, q, budget)?, &other.request.target)
+                        .then_some((q.as_str(), budget))
                 }
-                None => false,
+                None => None,
             };
-            others_before.push(works);
+            others_before.push(working);
         }
 
         let eot = engine.end_of_turn_token() as u32;
@@ -428,11 +430,10 @@ impl Editor {
                         .push(format!("{} → {}", p.question, after.trim()));
                 }
             }
-            for (other, worked) in active.iter().zip(&others_before) {
-                let Some(q) = other.request.questions.first().filter(|_| *worked) else {
+            for (other, working) in active.iter().zip(&others_before) {
+                let Some((q, budget)) = *working else {
                     continue;
                 };
-                let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
                 let a = answer(engine, &sys, q, budget)?;
                 if !contains_target(&a, &other.request.target) {
                     metrics.broken_edits += 1;
