@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use imprint::editor::store::{rebuild_adapter, EditStore};
-use imprint::editor::{EditRequest, EditorSettings, Method};
+use imprint::editor::{AnchorMode, EditRequest, EditorSettings, Method};
 
 use super::App;
 
@@ -73,9 +73,11 @@ struct NewEdit {
     /// Skip the null-space projection (worse locality; for experiments).
     #[arg(long)]
     no_nullspace: bool,
-    /// Skip the anchor prompts (worse locality; for experiments).
+    /// How anchor questions keep their answers: `project` (their keys are
+    /// removed from the edit's input side; fast, the default), `loss` (a
+    /// cross-entropy term; slower), `both`, or `off`.
     #[arg(long)]
-    no_anchors: bool,
+    anchors: Option<AnchorMode>,
     /// A model name or GGUF path.
     #[arg(long)]
     model: Option<String>,
@@ -155,7 +157,7 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
         l2: args.l2.unwrap_or(defaults.l2),
         min_locality: args.min_locality.unwrap_or(defaults.min_locality),
         use_nullspace: !args.no_nullspace,
-        use_anchors: !args.no_anchors,
+        anchors: args.anchors.unwrap_or(defaults.anchors),
         retry: !args.no_retry,
         system_prompt: app.config.config.generation.system_prompt.clone(),
         ..defaults

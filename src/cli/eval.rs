@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use imprint::editor::{Editor, EditorSettings};
+use imprint::eval::locality::{LocalityReport, Snapshot};
 use imprint::eval::upqa::{markdown, EvalMethod, EvalMode, UpqaRun};
 use imprint::eval::upqa_data::{load_clusters, load_items};
 
@@ -14,6 +15,18 @@ use super::App;
 pub enum EvalCommand {
     /// UPQA: teach each item's preference, then ask explicit, paraphrased, implicit and product questions.
     Upqa(UpqaArgs),
+    /// How much the active edits change unrelated answers, general knowledge and perplexity.
+    Locality(LocalityArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LocalityArgs {
+    /// A model name or GGUF path.
+    #[arg(long)]
+    model: Option<String>,
+    /// Also write report.json and report.md into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -47,7 +60,94 @@ pub struct UpqaArgs {
 }
 
 pub fn run(app: &App, cmd: EvalCommand) -> Result<ExitCode> {
-    let EvalCommand::Upqa(args) = cmd;
+    match cmd {
+        EvalCommand::Upqa(args) => upqa(app, args),
+        EvalCommand::Locality(args) => locality(app, args),
+    }
+}
+
+/// The base model's locality snapshot, cached per model, system prompt and
+/// prompt sets (it takes about a minute on two cores).
+pub fn base_snapshot(
+    app: &App,
+    engine: &mut imprint::engine::Engine,
+    sha: &str,
+    system_prompt: &str,
+) -> Result<Snapshot> {
+    use sha2::Digest;
+    let key = hex::encode(sha2::Sha256::digest(format!(
+        "{sha}\u{0}{system_prompt}\u{0}{:?}\u{0}{:?}",
+        imprint::eval::locality::unrelated_prompts(),
+        imprint::eval::locality::knowledge_questions()
+    )));
+    let path = app
+        .paths
+        .cache_dir
+        .join("eval")
+        .join(format!("{}.locality.json", &key[..16]));
+    if let Some(snapshot) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Snapshot>(&t).ok())
+    {
+        return Ok(snapshot);
+    }
+    let previous = engine.adapter_path().map(std::path::Path::to_path_buf);
+    engine.set_adapter(None)?;
+    let spinner = app.spinner("measuring the base model on the locality sets");
+    let snapshot = Snapshot::take(engine, system_prompt, None);
+    spinner.finish_and_clear();
+    engine.set_adapter(previous.as_deref())?;
+    let snapshot = snapshot?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&path, serde_json::to_string(&snapshot)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(snapshot)
+}
+
+fn locality(app: &App, args: LocalityArgs) -> Result<ExitCode> {
+    use imprint::editor::store::EditStore;
+    let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
+    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    let system_prompt = app.config.config.generation.system_prompt.clone();
+    let before = base_snapshot(app, &mut engine, &sha, &system_prompt)?;
+    let edits = EditStore::new(&app.paths.data_dir).active_for(&sha)?;
+    if edits.is_empty() {
+        println!("No active edits for this model: nothing to compare.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    super::attach_active_edits(app, &mut engine)?;
+    let spinner = app.spinner(&format!(
+        "measuring the model with {} edit(s) on the locality sets",
+        edits.len()
+    ));
+    let after = Snapshot::take(&mut engine, &system_prompt, Some(&before));
+    spinner.finish_and_clear();
+    let attributes: Vec<String> = edits.iter().map(|e| e.request.attribute.clone()).collect();
+    let report = LocalityReport::compare(&before, &after?, &attributes);
+    let md = format!(
+        "# Locality of {} active edit(s)\n\n{}",
+        edits.len(),
+        report.markdown()
+    );
+    print!("{md}");
+    for c in &report.changed_examples {
+        println!("  changed: {c}");
+    }
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+        std::fs::write(
+            out.join("report.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        std::fs::write(out.join("report.md"), &md)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
     let mut items = load_items(&args.data)?;
     let mut clusters = match &args.clusters {
         Some(path) => Some(load_clusters(path, &args.data, items.len())?),

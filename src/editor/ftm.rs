@@ -140,6 +140,26 @@ pub fn train(
         "ftm prefix"
     );
 
+    // The edit never fires on the prefix every sequence shares (the system
+    // prompt and chat template, which every conversation starts with): its
+    // keys are projected out too. Those positions then keep their states at
+    // every layer, so their upper-layer keys and values are computed once
+    // instead of at every step.
+    let identity;
+    let base_projector = match projector {
+        Some(p) => p,
+        None => {
+            identity = Tensor::eye(n_in, DType::F32, &device)?;
+            &identity
+        }
+    };
+    let (projector, _) = super::nullspace::exclude_key_rows(
+        base_projector,
+        &prefix.keys_shared.reshape((shared, n_in))?,
+    )?;
+    let projector = Some(&projector);
+    let frozen = model.frozen_shared(&prefix)?;
+
     // Loss rows: position p predicts token p + 1.
     let mut rows = Vec::new();
     let mut labels = Vec::new();
@@ -196,7 +216,6 @@ pub fn train(
     let weights_t = Tensor::from_vec(weights, n_rows, &device)?;
     let out_rows = model.output_rows(&Tensor::from_slice(&vocab, vocab.len(), &device)?)?;
     let out_t = out_rows.t()?.contiguous()?;
-    let keys_shared = prefix.keys_shared.reshape((shared, n_in))?;
     let keys = prefix.keys.reshape((b * width, n_in))?;
 
     let a = Var::from_tensor(&Tensor::from_vec(
@@ -224,9 +243,8 @@ pub fn train(
         let lora = |k: &Tensor| -> candle_core::Result<Tensor> {
             k.matmul(&a_eff.t()?)?.matmul(&bm.as_tensor().t()?)
         };
-        let delta_shared = lora(&keys_shared)?.reshape((1, shared, n_out))?;
         let delta = lora(&keys)?.reshape((b, width, n_out))?;
-        let hidden = model.suffix_hidden(&prefix, Some((&delta_shared, &delta)), &rows_t)?;
+        let hidden = model.suffix_hidden_frozen_shared(&prefix, &frozen, Some(&delta), &rows_t)?;
         let logits = hidden.matmul(&out_t)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = log_probs.gather(&labels_t, 1)?.squeeze(1)?;

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use pipeline::{EditOutcome, Editor, EditorSettings};
+pub use pipeline::{AnchorMode, EditOutcome, Editor, EditorSettings};
 
 #[derive(Debug, Error)]
 pub enum EditorError {

@@ -233,6 +233,12 @@ impl SplitMasks {
     }
 }
 
+/// The shared prefix's rotated keys and values at each layer after an
+/// edit's layer (see [`LlamaModel::frozen_shared`]).
+pub struct FrozenShared {
+    kv: Vec<(Tensor, Tensor)>,
+}
+
 /// Layer L's state for a batch, computed once per edit.
 pub struct Prefix {
     /// Layer L's output without the edit, shared part: `[1, P, n_embd]`.
@@ -504,23 +510,78 @@ impl LlamaModel {
         lora: Option<&QvLora>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let eps = self.config.rms_eps;
-        let (_, p, _) = xs.dims3()?;
-        let b = xq.dim(0)?;
         let (qs, ks, vs) = self.qkv(l, &rms_norm_slow(xs, &l.attn_norm, eps)?, 0, lora)?;
-        let (qq, kq, vq) = self.qkv(l, &rms_norm_slow(xq, &l.attn_norm, eps)?, p, lora)?;
         let ys = self.attend(l, &qs, &ks, &vs, &masks.shared)?;
+        let yq = self.attention_continuation(l, xq, &ks, &vs, masks, lora)?;
+        Ok((ys, yq))
+    }
+
+    /// Attention of the continuations `xq` (`[B, S, n_embd]`) over the shared
+    /// prefix's rotated keys and values `ks`, `vs` (`[1, Hkv, P, d]`) and
+    /// their own earlier tokens.
+    fn attention_continuation(
+        &self,
+        l: &Layer,
+        xq: &Tensor,
+        ks: &Tensor,
+        vs: &Tensor,
+        masks: &SplitMasks,
+        lora: Option<&QvLora>,
+    ) -> candle_core::Result<Tensor> {
+        let eps = self.config.rms_eps;
+        let p = ks.dim(2)?;
+        let b = xq.dim(0)?;
+        let (qq, kq, vq) = self.qkv(l, &rms_norm_slow(xq, &l.attn_norm, eps)?, p, lora)?;
         let widen = |shared: &Tensor, own: &Tensor| -> candle_core::Result<Tensor> {
             let (_, h, _, d) = shared.dims4()?;
             Tensor::cat(&[&shared.broadcast_as((b, h, p, d))?, own], 2)
         };
-        let yq = self.attend(
+        self.attend(
             l,
             &qq,
-            &widen(&ks, &kq)?,
-            &widen(&vs, &vq)?,
+            &widen(ks, &kq)?,
+            &widen(vs, &vq)?,
             &masks.continuation,
-        )?;
-        Ok((ys, yq))
+        )
+    }
+
+    /// The shared prefix's keys and values at every layer after the prefix's
+    /// layer, for edits that add nothing at the shared positions (their keys
+    /// are projected out): those states then never change, so they are
+    /// computed once per edit instead of once per step.
+    pub fn frozen_shared(&self, prefix: &Prefix) -> Result<FrozenShared, EditorError> {
+        let eps = self.config.rms_eps;
+        let mut xs = prefix.base_shared.clone();
+        let mut kv = Vec::new();
+        for l in &self.layers[prefix.layer + 1..] {
+            let (qs, ks, vs) = self.qkv(l, &rms_norm_slow(&xs, &l.attn_norm, eps)?, 0, None)?;
+            let ys = self.attend(l, &qs, &ks, &vs, &prefix.masks.shared)?;
+            xs = (&xs + ys)?;
+            xs = (&xs + Self::linear(&self.mlp_keys(l, &xs)?, &l.w_down)?)?;
+            kv.push((ks, vs));
+        }
+        Ok(FrozenShared { kv })
+    }
+
+    /// [`Self::suffix_hidden`] for an edit that leaves the shared prefix
+    /// untouched: only the continuations run, attending to `frozen`.
+    pub fn suffix_hidden_frozen_shared(
+        &self,
+        prefix: &Prefix,
+        frozen: &FrozenShared,
+        delta: Option<&Tensor>,
+        rows: &Tensor,
+    ) -> Result<Tensor, EditorError> {
+        let mut xq = match delta {
+            Some(dq) => (&prefix.base + dq)?,
+            None => prefix.base.clone(),
+        };
+        for (l, (ks, vs)) in self.layers[prefix.layer + 1..].iter().zip(&frozen.kv) {
+            let yq = self.attention_continuation(l, &xq, ks, vs, &prefix.masks, None)?;
+            xq = (&xq + yq)?;
+            xq = (&xq + Self::linear(&self.mlp_keys(l, &xq)?, &l.w_down)?)?;
+        }
+        self.normed_rows(&xq, rows)
     }
 
     /// The MLP's down-projection input for the post-attention residual `x`.

@@ -98,13 +98,9 @@ pub fn load_or_compute(
     let mut cov = vec![0f64; n * n];
     let mut count = 0usize;
     for chunk in corpus.chunks(8) {
-        let batch = Batch::new(chunk.to_vec());
-        let prefix = model.prefix(&batch, layer)?;
-        let shared = prefix.shared_len;
-        let shared_keys = prefix.keys_shared.get(0)?;
-        for (i, seq) in chunk.iter().enumerate() {
+        let (shared_keys, own_keys) = chunk_keys(model, chunk, layer)?;
+        for (seq, own) in chunk.iter().zip(own_keys) {
             // Every sequence contains the shared prefix: count it for each.
-            let own = prefix.keys.get(i)?.narrow(0, 0, seq.len() - shared)?;
             let keys = Tensor::cat(&[&shared_keys, &own], 0)?.contiguous()?;
             // KᵀK for this sequence, accumulated in f64.
             let kk = keys.t()?.matmul(&keys)?.flatten_all()?.to_vec1::<f32>()?;
@@ -147,6 +143,87 @@ pub fn load_or_compute(
         removed,
         corpus_tokens: count,
     })
+}
+
+/// Layer `layer`'s MLP keys for a batch of sequences: those of the prefix the
+/// sequences share (`[P, n_ff]`) and each sequence's own (`[len - P, n_ff]`).
+fn chunk_keys(
+    model: &LlamaModel,
+    sequences: &[Vec<u32>],
+    layer: usize,
+) -> Result<(Tensor, Vec<Tensor>), EditorError> {
+    let prefix = model.prefix(&Batch::new(sequences.to_vec()), layer)?;
+    let shared = prefix.shared_len;
+    let own = sequences
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| prefix.keys.get(i)?.narrow(0, 0, seq.len() - shared))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((prefix.keys_shared.get(0)?, own))
+}
+
+/// Relative eigenvalue below which a direction of the excluded keys counts
+/// as already removed (numerical noise, or a repeat of another key).
+const EXCLUDE_TOLERANCE: f64 = 1e-6;
+
+/// Narrows `projector` (or the identity) so that it also removes every key
+/// that `sequences` produce at `layer`: an edit trained as A·P then adds
+/// exactly nothing at any position of those sequences, so the model's greedy
+/// answers to them cannot change. Returns the narrowed projector and how many
+/// directions it removed beyond `projector`.
+///
+/// The basis comes from the Gram matrix of the projected keys (m × m, with m
+/// the number of key rows) rather than from an n_ff × n_ff eigenproblem,
+/// which keeps this cheap enough to run for every edit.
+pub fn exclude_keys(
+    model: &LlamaModel,
+    projector: Option<&Tensor>,
+    sequences: &[Vec<u32>],
+    layer: usize,
+) -> Result<(Tensor, usize), EditorError> {
+    let n = model.config.n_ff;
+    let base = match projector {
+        Some(p) => p.clone(),
+        None => Tensor::eye(n, candle_core::DType::F32, &Device::Cpu)?,
+    };
+    if sequences.is_empty() {
+        return Ok((base, 0));
+    }
+    let (shared, own) = chunk_keys(model, sequences, layer)?;
+    let mut rows = vec![shared];
+    rows.extend(own);
+    exclude_key_rows(&base, &Tensor::cat(&rows, 0)?)
+}
+
+/// Narrows `base` (a projector, `[n_ff, n_ff]`) so that it also removes the
+/// span of `keys` (`[m, n_ff]`). See [`exclude_keys`].
+pub fn exclude_key_rows(base: &Tensor, keys: &Tensor) -> Result<(Tensor, usize), EditorError> {
+    let base = base.clone();
+    // P is symmetric, so K·P projects every key row.
+    let keys = keys.contiguous()?.matmul(&base)?;
+    let m = keys.dim(0)?;
+    let gram = keys.matmul(&keys.t()?)?.to_vec2::<f32>()?;
+    let eig = nalgebra::SymmetricEigen::new(nalgebra::DMatrix::from_fn(m, m, |r, c| {
+        f64::from(gram[r][c])
+    }));
+    let top = eig.eigenvalues.iter().cloned().fold(0.0f64, f64::max);
+    let kept: Vec<usize> = (0..m)
+        .filter(|&i| eig.eigenvalues[i] > EXCLUDE_TOLERANCE * top && top > 0.0)
+        .collect();
+    if kept.is_empty() {
+        return Ok((base, 0));
+    }
+    // Orthonormal rows Q = Λ^-1/2 Vᵀ K spanning the projected keys.
+    let mut mix = vec![0f32; kept.len() * m];
+    for (r, &i) in kept.iter().enumerate() {
+        let scale = 1.0 / eig.eigenvalues[i].sqrt();
+        for c in 0..m {
+            mix[r * m + c] = (eig.eigenvectors[(c, i)] * scale) as f32;
+        }
+    }
+    let q = Tensor::from_vec(mix, (kept.len(), m), &Device::Cpu)?.matmul(&keys)?;
+    let narrowed = (base - q.t()?.matmul(&q)?)?;
+    Ok((narrowed, kept.len()))
 }
 
 const MAGIC: &[u8; 8] = b"IMPRNSP1";

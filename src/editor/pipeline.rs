@@ -15,6 +15,7 @@ use super::prompts::{self, same_attribute};
 use super::verify::{answer, contains_target, same_answer};
 use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
 use crate::engine::{ChatMessage, Engine};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone)]
 pub struct EditorSettings {
@@ -31,7 +32,9 @@ pub struct EditorSettings {
     /// target loss is below this: lower gives firmer but larger edits.
     pub stop_loss: f32,
     pub use_nullspace: bool,
-    pub use_anchors: bool,
+    /// How the anchor questions (other attributes, general questions, the
+    /// other active preferences) are kept from changing.
+    pub anchors: AnchorMode,
     /// Share of locality probes that must keep their exact greedy answers.
     /// On SmolLM2-135M even good edits reword some probe answers (see
     /// docs/RESULTS.md), so the default only demands half; hijacking (a probe
@@ -57,13 +60,54 @@ impl Default for EditorSettings {
             l2: 0.01,
             stop_loss: 0.2,
             use_nullspace: true,
-            use_anchors: true,
+            anchors: AnchorMode::Project,
             min_locality: 0.5,
             probe_tokens: 16,
             anchor_tokens: 6,
             system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
                 .into(),
             retry: true,
+        }
+    }
+}
+
+/// How anchors keep their answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnchorMode {
+    /// Project the anchors' layer-L keys out of the edit's input side: the
+    /// edit adds exactly zero at every anchor position, so their answers
+    /// cannot change, and training only runs the request's own questions.
+    Project,
+    /// Keep the anchors' answers with a cross-entropy term (each step runs
+    /// every anchor through the upper layers: about 5× slower).
+    Loss,
+    /// Both.
+    Both,
+    /// No anchors (for experiments).
+    Off,
+}
+
+impl AnchorMode {
+    fn projects(self) -> bool {
+        matches!(self, AnchorMode::Project | AnchorMode::Both)
+    }
+    fn trains(self) -> bool {
+        matches!(self, AnchorMode::Loss | AnchorMode::Both)
+    }
+}
+
+impl std::str::FromStr for AnchorMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "project" => Ok(Self::Project),
+            "loss" => Ok(Self::Loss),
+            "both" => Ok(Self::Both),
+            "off" | "none" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown anchor mode {other:?}; use project, loss, both or off"
+            )),
         }
     }
 }
@@ -196,6 +240,56 @@ impl Editor {
         })
     }
 
+    /// The anchors of an edit, each with the answer it must keep: the
+    /// current model's own short greedy answers to the shipped general and
+    /// personal anchor questions (minus those about the request's attribute),
+    /// and each other active preference's first question with its target.
+    fn anchor_sequences(
+        &self,
+        engine: &mut Engine,
+        request: &EditRequest,
+        active: &[Edit],
+        target_tokens: &[u32],
+    ) -> Result<Vec<TrainSequence>, EditorError> {
+        let sys = &self.settings.system_prompt;
+        let eot = *target_tokens.last().unwrap_or(&0);
+        let mut questions: Vec<String> = prompts::general_anchors()
+            .into_iter()
+            .map(|a| a.question)
+            .collect();
+        questions.extend(
+            prompts::personal_anchors()
+                .into_iter()
+                .filter(|a| !same_attribute(&a.attribute, &request.attribute))
+                .map(|a| a.question),
+        );
+        let mut anchors = Vec::new();
+        for question in questions {
+            let gen = engine.chat(
+                &[ChatMessage::system(sys), ChatMessage::user(&question)],
+                &crate::engine::GenerationParams::greedy(self.settings.anchor_tokens),
+                &mut |_| std::ops::ControlFlow::Continue(()),
+            )?;
+            let answer: Vec<u32> = gen.tokens.iter().map(|&t| t as u32).collect();
+            anchors.push(self.sequence(engine, &question, &answer, false)?);
+        }
+        for other in active
+            .iter()
+            .filter(|e| !same_attribute(&e.request.attribute, &request.attribute))
+        {
+            let mut answer: Vec<u32> = engine
+                .tokenize_plain(other.request.target.trim())
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
+            answer.push(eot);
+            for q in other.request.questions.iter().take(1) {
+                anchors.push(self.sequence(engine, q, &answer, false)?);
+            }
+        }
+        Ok(anchors)
+    }
+
     /// Times the paper's LoRA baseline (rank 8 on q/v of every layer) on
     /// `request`'s questions for `steps` steps: seconds per step.
     pub fn time_lora_baseline(
@@ -291,44 +385,16 @@ impl Editor {
         for q in request.questions.iter().filter(|q| !q.trim().is_empty()) {
             sequences.push(self.sequence(engine, q, &target_tokens, true)?);
         }
-        if self.settings.use_anchors {
-            let mut anchors: Vec<String> = prompts::general_anchors()
-                .into_iter()
-                .map(|a| a.question)
-                .collect();
-            anchors.extend(
-                prompts::personal_anchors()
-                    .into_iter()
-                    .filter(|a| !same_attribute(&a.attribute, &request.attribute))
-                    .map(|a| a.question),
-            );
-            for question in anchors {
-                let gen = engine.chat(
-                    &[ChatMessage::system(&sys), ChatMessage::user(&question)],
-                    &crate::engine::GenerationParams::greedy(self.settings.anchor_tokens),
-                    &mut |_| std::ops::ControlFlow::Continue(()),
-                )?;
-                let answer: Vec<u32> = gen.tokens.iter().map(|&t| t as u32).collect();
-                sequences.push(self.sequence(engine, &question, &answer, false)?);
-            }
-            // Other active preferences keep their own answers.
-            for other in active
-                .iter()
-                .filter(|e| !same_attribute(&e.request.attribute, &request.attribute))
-            {
-                let mut answer: Vec<u32> = engine
-                    .tokenize_plain(other.request.target.trim())
-                    .into_iter()
-                    .map(|t| t as u32)
-                    .collect();
-                answer.push(eot);
-                if let Some(q) = other.request.questions.first() {
-                    sequences.push(self.sequence(engine, q, &answer, false)?);
-                }
-            }
+        let mut anchors = Vec::new();
+        if self.settings.anchors != AnchorMode::Off {
+            progress("collecting anchor answers");
+            anchors = self.anchor_sequences(engine, request, active, &target_tokens)?;
+        }
+        if self.settings.anchors.trains() {
+            sequences.extend(anchors.iter().cloned());
         }
 
-        let projector = if self.settings.use_nullspace {
+        let mut projector = if self.settings.use_nullspace {
             progress("preparing the null-space projector (cached after the first time)");
             let dir = self.cache_dir.join("nullspace");
             // The corpus comes from the base model's own answers.
@@ -342,13 +408,26 @@ impl Editor {
         } else {
             None
         };
+        if self.settings.anchors.projects() && !anchors.is_empty() {
+            let started = Instant::now();
+            let tokens: Vec<Vec<u32>> = anchors.iter().map(|a| a.tokens.clone()).collect();
+            let (narrowed, removed) =
+                nullspace::exclude_keys(&self.model, projector.as_ref(), &tokens, layer)?;
+            tracing::debug!(
+                anchors = anchors.len(),
+                removed,
+                ms = started.elapsed().as_millis() as u64,
+                "anchor keys projected out"
+            );
+            projector = Some(narrowed);
+        }
 
         let mut ftm_settings = FtmSettings {
             layer,
             rank: self.settings.rank,
             max_steps: self.settings.max_steps,
             learning_rate: self.settings.learning_rate,
-            anchor_weight: if self.settings.use_anchors {
+            anchor_weight: if self.settings.anchors.trains() {
                 self.settings.anchor_weight
             } else {
                 0.0

@@ -1,0 +1,331 @@
+//! Locality: how much a set of edits changes what the model does elsewhere.
+//!
+//! Three measurements, each taken once on the model before the edits and
+//! once with the edits' adapter attached:
+//! - the greedy answers to a fixed set of 100+ unrelated prompts
+//!   (`assets/eval/unrelated_prompts.txt`); an answer counts as unchanged only
+//!   if its text is identical;
+//! - accuracy on 100 simple factual questions (`general_knowledge.tsv`);
+//! - perplexity of a held-out text (`heldout.txt`).
+//!
+//! Personal prompts about an attribute that the edits teach are left out:
+//! changing those is the point of an edit.
+
+use serde::{Deserialize, Serialize};
+
+use super::scoring::contains_target;
+use crate::editor::prompts::same_attribute;
+use crate::editor::verify::answer;
+use std::ops::ControlFlow;
+
+use crate::engine::{ChatMessage, Engine, EngineError, GenerationParams};
+
+const UNRELATED: &str = include_str!("../../assets/eval/unrelated_prompts.txt");
+const KNOWLEDGE: &str = include_str!("../../assets/eval/general_knowledge.tsv");
+const HELDOUT: &str = include_str!("../../assets/eval/heldout.txt");
+
+/// Tokens compared per unrelated answer (the same length the edit gate uses).
+pub const ANSWER_TOKENS: u32 = 16;
+/// Tokens generated per factual answer.
+const KNOWLEDGE_TOKENS: u32 = 24;
+
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// `(attribute, prompt)` pairs of the unrelated set.
+pub fn unrelated_prompts() -> Vec<(String, String)> {
+    lines(UNRELATED)
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(a, q)| (a.trim().to_string(), q.trim().to_string()))
+        .collect()
+}
+
+/// `(question, accepted answers)` of the general-knowledge set.
+pub fn knowledge_questions() -> Vec<(String, Vec<String>)> {
+    lines(KNOWLEDGE)
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(q, a)| {
+            (
+                q.trim().to_string(),
+                a.split('|').map(|s| s.trim().to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// What the model does on the locality sets at one moment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Greedy answers to the unrelated prompts, in file order.
+    pub answers: Vec<String>,
+    /// Their tokens.
+    pub answer_tokens: Vec<Vec<i32>>,
+    /// With the reference snapshot's answer fed in (teacher forcing), the
+    /// model's argmax at each answer position. Greedy text flips on any near
+    /// tie and then diverges; this counts per token, so one flip costs one.
+    pub teacher_argmax: Vec<Vec<i32>>,
+    /// Whether each factual question was answered correctly.
+    pub knowledge_correct: Vec<bool>,
+    /// Perplexity of the held-out text.
+    pub perplexity: f64,
+}
+
+impl Snapshot {
+    /// Measures the engine as it is. `reference` (the base model's snapshot)
+    /// supplies the answers to teacher-force; without it the model's own.
+    pub fn take(
+        engine: &mut Engine,
+        system_prompt: &str,
+        reference: Option<&Snapshot>,
+    ) -> Result<Self, EngineError> {
+        let mut answers = Vec::new();
+        let mut answer_tokens = Vec::new();
+        let mut teacher_argmax = Vec::new();
+        for (i, (_, q)) in unrelated_prompts().iter().enumerate() {
+            let messages = [ChatMessage::system(system_prompt), ChatMessage::user(q)];
+            let generation = engine.chat(
+                &messages,
+                &GenerationParams::greedy(ANSWER_TOKENS),
+                &mut |_| ControlFlow::Continue(()),
+            )?;
+            let teacher = reference
+                .and_then(|r| r.answer_tokens.get(i))
+                .unwrap_or(&generation.tokens)
+                .clone();
+            let mut tokens: Vec<i32> = engine
+                .tokenize(&engine.render(&messages)?)
+                .iter()
+                .map(|t| t.0)
+                .collect();
+            let prompt_len = tokens.len();
+            tokens.extend_from_slice(&teacher);
+            let logits = engine.logits_all(&tokens[..tokens.len().saturating_sub(1)])?;
+            teacher_argmax.push(
+                logits
+                    .iter()
+                    .skip(prompt_len - 1)
+                    .map(|row| argmax(row))
+                    .collect(),
+            );
+            answers.push(generation.text);
+            answer_tokens.push(generation.tokens);
+        }
+        let knowledge_correct = knowledge_questions()
+            .iter()
+            .map(|(q, accepted)| {
+                let a = answer(engine, system_prompt, q, KNOWLEDGE_TOKENS)?;
+                Ok(accepted.iter().any(|t| contains_target(&a, t)))
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok(Self {
+            answers,
+            answer_tokens,
+            teacher_argmax,
+            knowledge_correct,
+            perplexity: perplexity(engine, HELDOUT)?,
+        })
+    }
+}
+
+fn argmax(row: &[f32]) -> i32 {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as i32)
+}
+
+/// exp(mean negative log-likelihood) of `text`'s tokens, each predicted from
+/// the ones before it.
+pub fn perplexity(engine: &mut Engine, text: &str) -> Result<f64, EngineError> {
+    let tokens = engine.tokenize_plain(text);
+    if tokens.len() < 2 {
+        return Ok(f64::NAN);
+    }
+    let logits = engine.logits_all(&tokens)?;
+    let mut nll = 0.0f64;
+    for (row, &next) in logits.iter().zip(&tokens[1..]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = row
+            .iter()
+            .map(|&l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln();
+        let picked = row.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        nll += log_sum - f64::from(picked - max);
+    }
+    Ok((nll / (tokens.len() - 1) as f64).exp())
+}
+
+/// Before/after comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalityReport {
+    /// Unrelated prompts compared (those about edited attributes left out).
+    pub unrelated_total: usize,
+    pub unrelated_unchanged: usize,
+    /// Answer tokens of those prompts whose teacher-forced argmax is the
+    /// same before and after.
+    pub tokens_total: usize,
+    pub tokens_same: usize,
+    pub knowledge_total: usize,
+    pub knowledge_before: usize,
+    pub knowledge_after: usize,
+    pub perplexity_before: f64,
+    pub perplexity_after: f64,
+    /// Some changed answers, `prompt → before ⟶ after`, for reading.
+    pub changed_examples: Vec<String>,
+}
+
+impl LocalityReport {
+    pub fn unchanged_share(&self) -> f64 {
+        self.unrelated_unchanged as f64 / self.unrelated_total.max(1) as f64
+    }
+
+    pub fn token_agreement(&self) -> f64 {
+        self.tokens_same as f64 / self.tokens_total.max(1) as f64
+    }
+
+    pub fn perplexity_change(&self) -> f64 {
+        self.perplexity_after / self.perplexity_before - 1.0
+    }
+
+    /// Compares two snapshots; `edited_attributes` are left out of the
+    /// unrelated set.
+    pub fn compare(before: &Snapshot, after: &Snapshot, edited_attributes: &[String]) -> Self {
+        let prompts = unrelated_prompts();
+        let mut total = 0;
+        let mut unchanged = 0;
+        let mut changed_examples = Vec::new();
+        let (mut tokens_total, mut tokens_same) = (0, 0);
+        for (i, (((attribute, prompt), b), a)) in prompts
+            .iter()
+            .zip(&before.answers)
+            .zip(&after.answers)
+            .enumerate()
+        {
+            if attribute != "general"
+                && edited_attributes
+                    .iter()
+                    .any(|e| same_attribute(e, attribute))
+            {
+                continue;
+            }
+            total += 1;
+            if let (Some(tb), Some(ta)) =
+                (before.teacher_argmax.get(i), after.teacher_argmax.get(i))
+            {
+                tokens_total += tb.len();
+                tokens_same += tb.iter().zip(ta).filter(|(x, y)| x == y).count();
+            }
+            if b.trim() == a.trim() {
+                unchanged += 1;
+            } else if changed_examples.len() < 20 {
+                changed_examples.push(format!("{prompt} → {} ⟶ {}", b.trim(), a.trim()));
+            }
+        }
+        let count = |v: &[bool]| v.iter().filter(|&&c| c).count();
+        Self {
+            unrelated_total: total,
+            unrelated_unchanged: unchanged,
+            tokens_total,
+            tokens_same,
+            knowledge_total: before.knowledge_correct.len(),
+            knowledge_before: count(&before.knowledge_correct),
+            knowledge_after: count(&after.knowledge_correct),
+            perplexity_before: before.perplexity,
+            perplexity_after: after.perplexity,
+            changed_examples,
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        format!(
+            "| unrelated answers unchanged | their tokens unchanged (teacher-forced) | general knowledge before → after | held-out perplexity before → after |\n| --- | --- | --- | --- |\n| {}/{} ({:.1} %) | {:.1} % of {} | {}/{} → {}/{} | {:.3} → {:.3} ({:+.2} %) |\n",
+            self.unrelated_unchanged,
+            self.unrelated_total,
+            self.unchanged_share() * 100.0,
+            self.token_agreement() * 100.0,
+            self.tokens_total,
+            self.knowledge_before,
+            self.knowledge_total,
+            self.knowledge_after,
+            self.knowledge_total,
+            self.perplexity_before,
+            self.perplexity_after,
+            self.perplexity_change() * 100.0
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::editor::prompts;
+
+    #[test]
+    fn sets_are_large_enough_and_disjoint_from_everything_the_editor_trains_or_probes() {
+        let unrelated = unrelated_prompts();
+        assert!(
+            unrelated.len() >= 100,
+            "{} unrelated prompts",
+            unrelated.len()
+        );
+        assert!(knowledge_questions().len() >= 100);
+        assert!(knowledge_questions().iter().all(|(_, a)| !a.is_empty()));
+        let mut editor_side: Vec<String> = prompts::general_anchors()
+            .into_iter()
+            .chain(prompts::personal_anchors())
+            .chain(prompts::locality_probes())
+            .map(|p| p.question)
+            .collect();
+        editor_side.extend(prompts::corpus_prompts());
+        for (_, p) in &unrelated {
+            assert!(!editor_side.contains(p), "{p:?} is also an editor prompt");
+        }
+    }
+
+    fn snapshot(answers: &[&str], knowledge: &[bool], perplexity: f64) -> Snapshot {
+        Snapshot {
+            answers: answers.iter().map(|s| s.to_string()).collect(),
+            answer_tokens: vec![vec![1, 2]; answers.len()],
+            teacher_argmax: answers
+                .iter()
+                .map(|a| vec![1, if a.starts_with("answer") { 2 } else { 3 }])
+                .collect(),
+            knowledge_correct: knowledge.to_vec(),
+            perplexity,
+        }
+    }
+
+    #[test]
+    fn compare_counts_changes_and_skips_edited_attributes() {
+        let n = unrelated_prompts().len();
+        let before: Vec<String> = (0..n).map(|i| format!("answer {i}")).collect();
+        let mut after = before.clone();
+        // Change one general answer and every personal one.
+        after[0] = "something else".into();
+        let personal: Vec<usize> = unrelated_prompts()
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, _))| a == "music")
+            .map(|(i, _)| i)
+            .collect();
+        for &i in &personal {
+            after[i] = "changed".into();
+        }
+        let refs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>();
+        let b = snapshot(&refs(&before), &[true, true, false], 10.0);
+        let a = snapshot(&refs(&after), &[true, false, false], 10.5);
+        let r = LocalityReport::compare(&b, &a, &["music".to_string()]);
+        assert_eq!(r.unrelated_total, n - personal.len());
+        assert_eq!(r.unrelated_unchanged, n - personal.len() - 1);
+        assert_eq!((r.knowledge_before, r.knowledge_after), (2, 1));
+        assert!((r.perplexity_change() - 0.05).abs() < 1e-9);
+        // One changed general answer: one of its two teacher-forced tokens.
+        assert_eq!(r.tokens_total, 2 * r.unrelated_total);
+        assert_eq!(r.tokens_same, r.tokens_total - 1);
+        assert!(r.markdown().contains("+5.00 %"));
+    }
+}
