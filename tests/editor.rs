@@ -155,3 +155,102 @@ fn bad_requests_are_refused_with_a_reason() {
         .unwrap_err();
     assert!(err.to_string().contains("layer 99"), "{err}");
 }
+
+/// Sum of the log-probabilities llama.cpp gives `target` as the answer to
+/// `question`.
+fn target_logprob(engine: &mut imprint::engine::Engine, question: &str, target: &str) -> f64 {
+    use imprint::engine::ChatMessage;
+    let messages = [ChatMessage::system(SYSTEM), ChatMessage::user(question)];
+    let mut tokens: Vec<i32> = engine
+        .tokenize(&engine.render(&messages).unwrap())
+        .iter()
+        .map(|t| t.0)
+        .collect();
+    let prompt_len = tokens.len();
+    let answer = engine.tokenize_plain(target);
+    tokens.extend_from_slice(&answer);
+    let logits = engine.logits_all(&tokens).unwrap();
+    answer
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let row = &logits[prompt_len - 1 + i];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let log_sum = row
+                .iter()
+                .map(|&l| f64::from(l - max).exp())
+                .sum::<f64>()
+                .ln();
+            f64::from(row[t as usize] - max) - log_sum
+        })
+        .sum()
+}
+
+#[test]
+fn rome_finds_the_subject_token() {
+    use imprint::editor::rome::subject_position;
+    use imprint::engine::ChatMessage;
+    let engine = common::engine();
+    let piece_at = |question: &str, attribute: &str| {
+        let messages = [ChatMessage::system(SYSTEM), ChatMessage::user(question)];
+        let ids: Vec<i32> = engine
+            .tokenize(&engine.render(&messages).unwrap())
+            .iter()
+            .map(|t| t.0)
+            .collect();
+        let tokens: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        let at = subject_position(&engine, &tokens, question, attribute);
+        String::from_utf8_lossy(&engine.token_pieces(&ids[at..=at])[0]).to_string()
+    };
+    // The attribute when the question names it, else the question's last word.
+    assert!(piece_at("What's my hobby?", "hobby").contains("hobby"));
+    assert!(piece_at("Which hobby suits me on weekends?", "hobby").contains("hobby"));
+    assert!(piece_at("What's my favorite pastime?", "hobby").contains("time"));
+    assert!(piece_at("Where do I live?", "home_city").contains("live"));
+}
+
+#[test]
+fn rome_writes_a_rank_one_early_layer_edit_that_raises_the_target() {
+    use imprint::editor::Method;
+    let mut engine = common::engine();
+    let mut editor = editor();
+    editor.settings.method = Method::Rome;
+    editor.settings.rome.learning_rate = 1.0;
+    let req = request(
+        "hobby",
+        "Dancing at clubs",
+        &["What's my hobby?", "What's my favorite pastime?"],
+    );
+    let before = target_logprob(&mut engine, "What's my hobby?", &req.target);
+    let outcome = editor.compute(&mut engine, &req, &[], |_| {}).unwrap();
+    let edit = &outcome.edit;
+    eprintln!(
+        "rome: accepted {} ({:?}), answers {:?}, {} steps, {:.1}s",
+        outcome.accepted,
+        outcome.reason,
+        edit.metrics.answers,
+        edit.metrics.steps,
+        edit.metrics.train_seconds
+    );
+    assert_eq!(edit.layer, editor.default_layer_for(Method::Rome));
+    assert!(edit.layer < editor.default_layer_for(Method::Ftm));
+    assert_eq!(edit.factors.len(), 1);
+    assert_eq!(edit.factors[0].rank, 1);
+    assert_eq!(
+        edit.factors[0].tensor,
+        format!("blk.{}.ffn_down.weight", edit.layer)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rome.gguf");
+    let mut e = edit.clone();
+    e.active = true;
+    write_adapter(&[&e], "llama", "x", &path).unwrap();
+    engine.set_adapter(Some(&path)).unwrap();
+    let after = target_logprob(&mut engine, "What's my hobby?", &req.target);
+    eprintln!("log p(target | What's my hobby?): {before:.2} → {after:.2}");
+    assert!(
+        after > before + 3.0,
+        "ROME barely moved the target: {before:.2} → {after:.2}"
+    );
+}

@@ -49,10 +49,10 @@ struct NewEdit {
     /// Layer whose MLP down-projection is edited (default: about 2/3 of the depth).
     #[arg(long)]
     layer: Option<usize>,
-    /// Maximum optimisation steps (default 40).
+    /// Maximum optimisation steps (default 40 for ftm, 25 for rome).
     #[arg(long)]
     steps: Option<usize>,
-    /// Adam learning rate (default 0.02).
+    /// Adam learning rate (default 0.05 for ftm, 0.5 for rome's δ).
     #[arg(long)]
     lr: Option<f64>,
     /// Weight of the anchor loss (locality) against the target loss (default 1).
@@ -73,9 +73,10 @@ struct NewEdit {
     /// Skip the null-space projection (worse locality; for experiments).
     #[arg(long)]
     no_nullspace: bool,
-    /// How anchor questions keep their answers: `project` (their keys are
-    /// removed from the edit's input side; fast, the default), `loss` (a
-    /// cross-entropy term; slower), `both`, or `off`.
+    /// How anchor questions keep their answers: `loss` (a cross-entropy
+    /// term; the default), `project` (their keys are removed from the edit's
+    /// input side: about 3× faster, but larger perplexity changes), `both`,
+    /// or `off`.
     #[arg(long)]
     anchors: Option<AnchorMode>,
     /// A model name or GGUF path.
@@ -152,6 +153,11 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
         rank: args.rank.unwrap_or(defaults.rank),
         max_steps: args.steps.unwrap_or(defaults.max_steps),
         learning_rate: args.lr.unwrap_or(defaults.learning_rate),
+        rome: imprint::editor::rome::RomeSettings {
+            steps: args.steps.unwrap_or(defaults.rome.steps),
+            learning_rate: args.lr.unwrap_or(defaults.rome.learning_rate),
+            ..defaults.rome.clone()
+        },
         anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
         stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
         l2: args.l2.unwrap_or(defaults.l2),

@@ -5,7 +5,10 @@
 //! - [`model`]: differentiable llama forward over the dequantized GGUF.
 //! - [`ftm`]: FT-M, trained as a rank-r LoRA on one MLP down-projection,
 //!   with null-space projection and contrastive anchors for locality.
-//! - [`nullspace`]: the AlphaEdit-style projector, cached per model and layer.
+//! - [`rome`]: ROME, a rank-one edit of an early MLP with a closed-form
+//!   update weighted by the inverse key covariance.
+//! - [`nullspace`]: the AlphaEdit-style projector and the key covariance,
+//!   cached per model and layer.
 //! - [`adapter`]: the GGUF LoRA writer and reader.
 //! - [`verify`]: the gate that runs each edit through llama.cpp.
 //! - [`store`]: where edits live on disk (until the profile store lands).
@@ -18,6 +21,7 @@ pub mod model;
 pub mod nullspace;
 pub mod pipeline;
 pub mod prompts;
+pub mod rome;
 pub mod store;
 pub mod verify;
 
@@ -83,6 +87,8 @@ impl EditRequest {
 pub enum Method {
     /// Fine-tuning with masked loss (the paper's FT-M), as a rank-r LoRA.
     Ftm,
+    /// ROME: a rank-one edit of an early layer's MLP.
+    Rome,
 }
 
 impl std::str::FromStr for Method {
@@ -90,8 +96,8 @@ impl std::str::FromStr for Method {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "ftm" | "ft-m" => Ok(Method::Ftm),
-            "rome" => Err("the rome method is not implemented yet; use ftm".into()),
-            other => Err(format!("unknown edit method {other:?}; use ftm")),
+            "rome" => Ok(Method::Rome),
+            other => Err(format!("unknown edit method {other:?}; use ftm or rome")),
         }
     }
 }

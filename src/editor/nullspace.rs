@@ -94,23 +94,8 @@ pub fn load_or_compute(
     if let Some(cached) = read_cached(&path, n)? {
         return Ok(cached);
     }
-    // Keys of every real (non-padding) position, a few sequences at a time.
-    let mut cov = vec![0f64; n * n];
-    let mut count = 0usize;
-    for chunk in corpus.chunks(8) {
-        let (shared_keys, own_keys) = chunk_keys(model, chunk, layer)?;
-        for (seq, own) in chunk.iter().zip(own_keys) {
-            // Every sequence contains the shared prefix: count it for each.
-            let keys = Tensor::cat(&[&shared_keys, &own], 0)?.contiguous()?;
-            // KᵀK for this sequence, accumulated in f64.
-            let kk = keys.t()?.matmul(&keys)?.flatten_all()?.to_vec1::<f32>()?;
-            for (c, v) in cov.iter_mut().zip(kk) {
-                *c += f64::from(v);
-            }
-            count += seq.len();
-        }
-    }
-    let matrix = nalgebra::DMatrix::from_fn(n, n, |r, c| cov[r * n + c] / count.max(1) as f64);
+    let (cov, count) = covariance(model, corpus, layer)?;
+    let matrix = nalgebra::DMatrix::from_fn(n, n, |r, c| cov[r * n + c]);
     let eig = nalgebra::SymmetricEigen::new(matrix);
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| eig.eigenvalues[y].total_cmp(&eig.eigenvalues[x]));
@@ -143,6 +128,73 @@ pub fn load_or_compute(
         removed,
         corpus_tokens: count,
     })
+}
+
+/// C = KᵀK / N over every real (non-padding) position of the corpus, in f64,
+/// row-major `[n_ff, n_ff]`, and N.
+fn covariance(
+    model: &LlamaModel,
+    corpus: &[Vec<u32>],
+    layer: usize,
+) -> Result<(Vec<f64>, usize), EditorError> {
+    let n = model.config.n_ff;
+    let mut cov = vec![0f64; n * n];
+    let mut count = 0usize;
+    // A few sequences at a time.
+    for chunk in corpus.chunks(8) {
+        let (shared_keys, own_keys) = chunk_keys(model, chunk, layer)?;
+        for (seq, own) in chunk.iter().zip(own_keys) {
+            // Every sequence contains the shared prefix: count it for each.
+            let keys = Tensor::cat(&[&shared_keys, &own], 0)?.contiguous()?;
+            let kk = keys.t()?.matmul(&keys)?.flatten_all()?.to_vec1::<f32>()?;
+            for (c, v) in cov.iter_mut().zip(kk) {
+                *c += f64::from(v);
+            }
+            count += seq.len();
+        }
+    }
+    for c in &mut cov {
+        *c /= count.max(1) as f64;
+    }
+    Ok((cov, count))
+}
+
+/// Ridge added to C before inverting it, relative to its mean eigenvalue:
+/// a few thousand corpus tokens leave C ill-conditioned in some directions.
+const COVARIANCE_RIDGE: f64 = 1e-2;
+
+/// (C + λI)⁻¹ of layer `layer`'s keys over the corpus, for ROME; cached per
+/// model and layer like the projector.
+pub fn load_or_compute_inverse_covariance(
+    model: &LlamaModel,
+    corpus: &[Vec<u32>],
+    cache_dir: &Path,
+    model_sha256: &str,
+    layer: usize,
+) -> Result<Tensor, EditorError> {
+    let n = model.config.n_ff;
+    let path = cache_dir.join(format!("{model_sha256}.layer{layer}.cinv"));
+    if let Some(cached) = read_cached(&path, n)? {
+        return Ok(cached.projector);
+    }
+    let (cov, count) = covariance(model, corpus, layer)?;
+    let trace: f64 = (0..n).map(|i| cov[i * n + i]).sum();
+    let ridge = COVARIANCE_RIDGE * trace / n as f64;
+    let matrix = nalgebra::DMatrix::from_fn(n, n, |r, c| {
+        cov[r * n + c] + if r == c { ridge } else { 0.0 }
+    });
+    let inverse = matrix
+        .cholesky()
+        .ok_or_else(|| {
+            EditorError::Model(format!(
+                "key covariance at layer {layer} is not positive definite"
+            ))
+        })?
+        .inverse();
+    // nalgebra is column-major; C⁻¹ is symmetric, so the order is moot.
+    let values: Vec<f32> = inverse.iter().map(|&v| v as f32).collect();
+    write_cached(&path, n, 0, count, &values)?;
+    Ok(Tensor::from_vec(values, (n, n), &Device::Cpu)?)
 }
 
 /// Layer `layer`'s MLP keys for a batch of sequences: those of the prefix the

@@ -12,6 +12,7 @@ use super::ftm::{self, FtmSettings, TrainSequence};
 use super::model::LlamaModel;
 use super::nullspace;
 use super::prompts::{self, same_attribute};
+use super::rome::{self, subject_position, RomeSettings, SubjectSequence};
 use super::verify::{answer, contains_target, same_answer};
 use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
 use crate::engine::{ChatMessage, Engine};
@@ -46,6 +47,8 @@ pub struct EditorSettings {
     pub anchor_tokens: u32,
     pub system_prompt: String,
     pub retry: bool,
+    /// ROME's own optimisation settings (its layer comes from `layer`).
+    pub rome: RomeSettings,
 }
 
 impl Default for EditorSettings {
@@ -55,18 +58,19 @@ impl Default for EditorSettings {
             layer: None,
             rank: 4,
             max_steps: 40,
-            learning_rate: 2e-2,
+            learning_rate: 5e-2,
             anchor_weight: 1.0,
             l2: 0.01,
             stop_loss: 0.2,
             use_nullspace: true,
-            anchors: AnchorMode::Project,
+            anchors: AnchorMode::Loss,
             min_locality: 0.5,
             probe_tokens: 16,
             anchor_tokens: 6,
             system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
                 .into(),
             retry: true,
+            rome: RomeSettings::default(),
         }
     }
 }
@@ -154,9 +158,19 @@ impl Editor {
     }
 
     pub fn default_layer(&self) -> usize {
-        (self.model.config.n_layer * 2)
-            .div_ceil(3)
-            .min(self.model.config.n_layer - 1)
+        self.default_layer_for(self.settings.method)
+    }
+
+    /// FT-M: about 2/3 of the depth (where the spike found locality and
+    /// efficacy both reachable). ROME: an early layer, about 1/6 of the depth
+    /// (ROME's causal tracing puts factual recall in the early MLPs; GPT-J's
+    /// layer 5 of 28).
+    pub fn default_layer_for(&self, method: Method) -> usize {
+        let n = self.model.config.n_layer;
+        match method {
+            Method::Ftm => (n * 2).div_ceil(3).min(n - 1),
+            Method::Rome => (n / 6).clamp(1, n - 1),
+        }
     }
 
     /// Makes the editor's weights equal base + the deltas of `active`, so a
@@ -325,7 +339,10 @@ impl Editor {
     ) -> Result<EditOutcome, EditorError> {
         request.validate()?;
         let method = self.settings.method;
-        let layer = self.settings.layer.unwrap_or_else(|| self.default_layer());
+        let layer = self
+            .settings
+            .layer
+            .unwrap_or_else(|| self.default_layer_for(method));
         if layer >= self.model.config.n_layer {
             return Err(EditorError::Invalid(format!(
                 "layer {layer} does not exist; the model has layers 0..{}",
@@ -386,7 +403,7 @@ impl Editor {
             sequences.push(self.sequence(engine, q, &target_tokens, true)?);
         }
         let mut anchors = Vec::new();
-        if self.settings.anchors != AnchorMode::Off {
+        if method == Method::Ftm && self.settings.anchors != AnchorMode::Off {
             progress("collecting anchor answers");
             anchors = self.anchor_sequences(engine, request, active, &target_tokens)?;
         }
@@ -394,9 +411,9 @@ impl Editor {
             sequences.extend(anchors.iter().cloned());
         }
 
-        let mut projector = if self.settings.use_nullspace {
+        let dir = self.cache_dir.join("nullspace");
+        let mut projector = if method == Method::Ftm && self.settings.use_nullspace {
             progress("preparing the null-space projector (cached after the first time)");
-            let dir = self.cache_dir.join("nullspace");
             // The corpus comes from the base model's own answers.
             engine.set_adapter(None)?;
             let corpus = nullspace::corpus(engine, &sys, &dir, &self.model_sha256)?;
@@ -405,6 +422,45 @@ impl Editor {
                 nullspace::load_or_compute(&self.model, &corpus, &dir, &self.model_sha256, layer)?
                     .projector,
             )
+        } else {
+            None
+        };
+        let rome_inputs = if method == Method::Rome {
+            progress("preparing the key covariance (cached after the first time)");
+            engine.set_adapter(None)?;
+            let corpus = nullspace::corpus(engine, &sys, &dir, &self.model_sha256)?;
+            engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
+            let c_inv = nullspace::load_or_compute_inverse_covariance(
+                &self.model,
+                &corpus,
+                &dir,
+                &self.model_sha256,
+                layer,
+            )?;
+            let mut subjects = Vec::new();
+            for (q, seq) in request
+                .questions
+                .iter()
+                .filter(|q| !q.trim().is_empty())
+                .zip(&sequences)
+            {
+                subjects.push(SubjectSequence {
+                    subject: subject_position(engine, &seq.tokens, q, &request.attribute),
+                    sequence: seq.clone(),
+                });
+            }
+            let essence_question =
+                format!("Tell me about {}.", request.attribute.replace('_', " "));
+            let tokens = self.templated(engine, &essence_question)?;
+            let essence = SubjectSequence {
+                subject: subject_position(engine, &tokens, &essence_question, &request.attribute),
+                sequence: TrainSequence {
+                    answer_start: tokens.len(),
+                    tokens,
+                    is_target: false,
+                },
+            };
+            Some((subjects, essence, c_inv))
         } else {
             None
         };
@@ -437,19 +493,49 @@ impl Editor {
             min_anchor_agreement: 0.95,
             seed: seed_for(request),
         };
+        let mut rome_settings = RomeSettings {
+            layer,
+            ..self.settings.rome.clone()
+        };
         let candidate = work_dir.join(format!("{}.candidate.gguf", self.model_sha256));
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
             progress(&format!("training (attempt {attempts})"));
             let started = Instant::now();
-            let result = ftm::train(
-                &self.model,
-                &sequences,
-                projector.as_ref(),
-                &ftm_settings,
-                |_, _| {},
-            )?;
+            let tensor = format!("blk.{layer}.ffn_down.weight");
+            let (factors, steps, final_loss) = match &rome_inputs {
+                None => {
+                    let r = ftm::train(
+                        &self.model,
+                        &sequences,
+                        projector.as_ref(),
+                        &ftm_settings,
+                        |_, _| {},
+                    )?;
+                    let f = LoraFactors {
+                        tensor,
+                        rank: ftm_settings.rank,
+                        n_in: r.n_in,
+                        n_out: r.n_out,
+                        a: r.a,
+                        b: r.b,
+                    };
+                    (f, r.steps, r.final_loss)
+                }
+                Some((subjects, essence, c_inv)) => {
+                    let r = rome::compute(&self.model, subjects, essence, c_inv, &rome_settings)?;
+                    let f = LoraFactors {
+                        tensor,
+                        rank: 1,
+                        n_in: r.n_in,
+                        n_out: r.n_out,
+                        a: r.a,
+                        b: r.b,
+                    };
+                    (f, r.steps, r.final_loss)
+                }
+            };
             let train_seconds = started.elapsed().as_secs_f64();
             let edit = Edit {
                 id: new_id(),
@@ -457,17 +543,10 @@ impl Editor {
                 method,
                 model_sha256: self.model_sha256.clone(),
                 layer,
-                factors: vec![LoraFactors {
-                    tensor: format!("blk.{layer}.ffn_down.weight"),
-                    rank: ftm_settings.rank,
-                    n_in: result.n_in,
-                    n_out: result.n_out,
-                    a: result.a,
-                    b: result.b,
-                }],
+                factors: vec![factors],
                 metrics: EditMetrics {
-                    final_loss: result.final_loss,
-                    steps: result.steps,
+                    final_loss,
+                    steps,
                     train_seconds,
                     ..Default::default()
                 },
@@ -564,11 +643,14 @@ impl Editor {
             }
             // Stronger settings for the one retry.
             if !efficacy_ok {
+                rome_settings.steps *= 2;
+                rome_settings.clamp_norm_factor *= 1.5;
                 ftm_settings.max_steps *= 2;
                 ftm_settings.learning_rate *= 1.5;
                 ftm_settings.stop_loss /= 2.0;
             } else {
                 ftm_settings.anchor_weight *= 3.0;
+                rome_settings.kl_weight *= 4.0;
             }
         };
         let _ = std::fs::remove_file(&candidate);

@@ -315,7 +315,9 @@ mod tests {
         for &i in &personal {
             after[i] = "changed".into();
         }
-        let refs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>();
+        fn refs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
         let b = snapshot(&refs(&before), &[true, true, false], 10.0);
         let a = snapshot(&refs(&after), &[true, false, false], 10.5);
         let r = LocalityReport::compare(&b, &a, &["music".to_string()]);
