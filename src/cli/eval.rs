@@ -17,6 +17,35 @@ pub enum EvalCommand {
     Upqa(UpqaArgs),
     /// How much the active edits change unrelated answers, general knowledge and perplexity.
     Locality(LocalityArgs),
+    /// PrefEval: is a stated preference still honoured after 0, 2, … distractor turns?
+    Prefeval(PrefevalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrefevalArgs {
+    /// PrefEval items (e.g. ../shared/data/prefeval/prefeval_pro_balanced.json), read in place.
+    #[arg(long)]
+    data: PathBuf,
+    /// PrefEval's multi-turn conversations (default: filtered_inter_turns_rm_few_items.json next to --data).
+    #[arg(long)]
+    distractors: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "ftm")]
+    method: imprint::eval::prefeval::PrefMethod,
+    /// Distractor turn counts to test.
+    #[arg(long, value_delimiter = ',', default_value = "0,2,4,6,8,10")]
+    turns: Vec<usize>,
+    /// Only the first n items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 48)]
+    max_tokens: u32,
+    /// A model name or GGUF path.
+    #[arg(long)]
+    model: Option<String>,
+    /// Folder for report.json and report.md.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +83,29 @@ pub struct UpqaArgs {
     /// A model name or GGUF path.
     #[arg(long)]
     model: Option<String>,
+    /// The paper's token budget: target tokens for the explicit question,
+    /// +8 for the others (default: target tokens + 16 for every question).
+    #[arg(long)]
+    paper_budget: bool,
+    /// Ask raw prompts without the chat template, as the paper did.
+    #[arg(long)]
+    raw: bool,
+    /// Distractor turns (user + assistant pairs from PrefEval's real
+    /// conversations) inserted before each question.
+    #[arg(long, default_value_t = 0)]
+    turns: usize,
+    /// PrefEval's multi-turn conversations, for --turns (default: next to
+    /// --data, ../prefeval/filtered_inter_turns_rm_few_items.json).
+    #[arg(long)]
+    distractors: Option<PathBuf>,
+    /// Train each edit on the k cluster questions before the explicit one,
+    /// so the explicit score measures a held-out question.
+    #[arg(long)]
+    hold_out_explicit: bool,
+    /// Skip the locality measurement (unrelated answers, general knowledge,
+    /// perplexity) that sequential edit runs make at the end.
+    #[arg(long)]
+    no_locality: bool,
     /// Folder for report.json and report.md.
     #[arg(long)]
     out: PathBuf,
@@ -63,7 +115,63 @@ pub fn run(app: &App, cmd: EvalCommand) -> Result<ExitCode> {
     match cmd {
         EvalCommand::Upqa(args) => upqa(app, args),
         EvalCommand::Locality(args) => locality(app, args),
+        EvalCommand::Prefeval(args) => prefeval(app, args),
     }
+}
+
+fn prefeval(app: &App, args: PrefevalArgs) -> Result<ExitCode> {
+    use imprint::eval::prefeval::{load_items, markdown, PrefEvalRun, PrefMethod};
+    let mut items = load_items(&args.data)?;
+    if let Some(n) = args.limit {
+        items.truncate(n);
+    }
+    let distractors = args.distractors.clone().unwrap_or_else(|| {
+        args.data
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("filtered_inter_turns_rm_few_items.json")
+    });
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
+    // Ten distractor turns need more room than a chat does by default.
+    let mut engine = super::load_engine_with_context(app, args.model.as_deref(), 8192)?;
+    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    let system_prompt = app.config.config.generation.system_prompt.clone();
+    let mut editor = if args.method == PrefMethod::Ftm {
+        let settings = EditorSettings {
+            system_prompt: system_prompt.clone(),
+            ..EditorSettings::default()
+        };
+        Some(super::load_editor(app, &engine, settings)?.1)
+    } else {
+        None
+    };
+    let run = PrefEvalRun {
+        data_path: &args.data,
+        items: &items,
+        method: args.method,
+        turns: &args.turns,
+        system_prompt: &system_prompt,
+        model_sha256: &sha,
+        distractors_path: &distractors,
+        adapter_dir: &args.out,
+        max_new_tokens: args.max_tokens,
+    };
+    let bar = app.progress(0, "eval prefeval");
+    let report = run.run(&mut engine, editor.as_mut(), |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let json_path = args.out.join("report.json");
+    let md_path = args.out.join("report.md");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    let md = markdown(&report);
+    std::fs::write(&md_path, &md).with_context(|| format!("cannot write {}", md_path.display()))?;
+    print!("{md}");
+    println!("\nWrote {} and {}.", json_path.display(), md_path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The base model's locality snapshot, cached per model, system prompt and
@@ -167,11 +275,20 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
 
-    let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
+    let mut engine = if args.turns > 0 {
+        // Distractor turns need more room than a chat does by default.
+        super::load_engine_with_context(app, args.model.as_deref(), 8192)?
+    } else {
+        super::load_engine(app, args.model.as_deref(), false)?
+    };
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
     let system_prompt = app.config.config.generation.system_prompt.clone();
-    let mut editor = if args.method == EvalMethod::Ftm {
+    let mut editor = if args.method.edits() {
         let settings = EditorSettings {
+            method: match args.method {
+                EvalMethod::Rome => imprint::editor::Method::Rome,
+                _ => imprint::editor::Method::Ftm,
+            },
             system_prompt: system_prompt.clone(),
             ..EditorSettings::default()
         };
@@ -184,6 +301,27 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
     } else {
         None
     };
+    let distractors = if args.turns > 0 {
+        let path = args.distractors.clone().unwrap_or_else(|| {
+            args.data
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("../prefeval/filtered_inter_turns_rm_few_items.json")
+        });
+        imprint::eval::upqa::distractor_pairs(&path)
+            .with_context(|| "--turns needs PrefEval's conversations (give --distractors FILE)")?
+    } else {
+        Vec::new()
+    };
+    if args.hold_out_explicit && args.clusters.is_none() {
+        anyhow::bail!("--hold-out-explicit needs --clusters (the cluster questions to train on)");
+    }
+    let locality_before =
+        if args.method.edits() && args.mode == EvalMode::Sequential && !args.no_locality {
+            Some(base_snapshot(app, &mut engine, &sha, &system_prompt)?)
+        } else {
+            None
+        };
     let run = UpqaRun {
         data_path: &args.data,
         clusters_path: args.clusters.as_deref(),
@@ -195,6 +333,14 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
         system_prompt: &system_prompt,
         model_sha256: &sha,
         adapter_dir: &args.out,
+        style: imprint::eval::upqa::QuestionStyle {
+            paper_budget: args.paper_budget,
+            raw: args.raw,
+            turns: args.turns,
+        },
+        hold_out_explicit: args.hold_out_explicit,
+        distractors: &distractors,
+        locality_before: locality_before.as_ref(),
     };
     let bar = app.progress(0, "eval upqa");
     let report = run.run(&mut engine, editor.as_mut(), |done, total| {

@@ -143,6 +143,18 @@ pub fn load_engine(
     Ok(engine)
 }
 
+/// [`load_engine`] with a larger context (long multi-turn evaluations).
+pub fn load_engine_with_context(
+    ctx: &App,
+    model: Option<&str>,
+    context_size: u32,
+) -> Result<imprint::engine::Engine> {
+    let path: PathBuf = imprint::models::resolve_model(&ctx.paths, &ctx.config.config, model)?;
+    let mut options = imprint::engine::EngineOptions::from_config(&path, &ctx.config.config.engine);
+    options.context_size = options.context_size.max(context_size);
+    Ok(imprint::engine::Engine::load(options)?)
+}
+
 /// The model's fingerprint and an editor for the engine's model.
 pub fn load_editor(
     ctx: &App,

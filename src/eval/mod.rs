@@ -3,10 +3,13 @@
 //! - [`upqa_data`]: reading the UPQA benchmark files in place.
 //! - [`scoring`]: the strict substring rule and token F1.
 //! - [`upqa`]: `imprint eval upqa`, edits (or baselines) then questions.
+//! - [`prefeval`]: `imprint eval prefeval`, acknowledgment after N distractor
+//!   turns.
 //! - [`locality`]: unrelated answers, general knowledge and perplexity,
 //!   before and after edits.
 
 pub mod locality;
+pub mod prefeval;
 pub mod scoring;
 pub mod upqa;
 pub mod upqa_data;

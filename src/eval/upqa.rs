@@ -10,12 +10,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::locality::{LocalityReport, Snapshot};
 use super::scoring::{contains_target, token_f1};
 use super::upqa_data::{ClusterItem, UpqaItem};
 use crate::editor::adapter::write_adapter;
-use crate::editor::verify::answer;
 use crate::editor::{Edit, EditRequest, Editor, EditorError};
-use crate::engine::Engine;
+use crate::engine::{ChatMessage, Engine, GenerationParams};
+use std::ops::ControlFlow;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -24,8 +25,80 @@ pub enum EvalMethod {
     None,
     /// The preference stated in the system prompt.
     Prompt,
+    /// The preference stated in the conversation's first user turn (as
+    /// PrefEval does), acknowledged by the assistant, before any distractor
+    /// turns.
+    PromptTurn,
     /// FT-M weight edits.
     Ftm,
+    /// ROME weight edits.
+    Rome,
+}
+
+impl EvalMethod {
+    pub fn edits(self) -> bool {
+        matches!(self, EvalMethod::Ftm | EvalMethod::Rome)
+    }
+}
+
+/// How questions are put to the model.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QuestionStyle {
+    /// The paper's budget (target tokens for the explicit question, +8 for
+    /// the others) instead of target tokens + 16 for every question.
+    pub paper_budget: bool,
+    /// Raw prompts without the chat template, as the paper fed them.
+    pub raw: bool,
+    /// Distractor turns (user + assistant pairs) before each question.
+    pub turns: usize,
+}
+
+/// What the assistant says after a preference stated in the first turn.
+const ACKNOWLEDGEMENT: &str = "Got it, I will keep that in mind.";
+/// Each distractor message is cut to this many characters, so ten turns fit
+/// the context and the run stays affordable on a CPU.
+const DISTRACTOR_CHARS: usize = 400;
+
+/// User + assistant pairs taken in order from PrefEval's multi-turn
+/// conversations (`filtered_inter_turns_rm_few_items.json`).
+pub fn distractor_pairs(path: &Path) -> Result<Vec<(String, String)>, EditorError> {
+    #[derive(serde::Deserialize)]
+    struct Message {
+        role: String,
+        content: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Conversation {
+        conversation: Vec<Message>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| EditorError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let conversations: Vec<Conversation> = serde_json::from_str(&text).map_err(|e| {
+        EditorError::Invalid(format!(
+            "{} is not a PrefEval conversation file (line {}, column {}): {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let cut = |s: &str| s.chars().take(DISTRACTOR_CHARS).collect::<String>();
+    let mut pairs = Vec::new();
+    for c in &conversations {
+        for w in c.conversation.windows(2) {
+            if w[0].role == "user" && w[1].role == "assistant" {
+                pairs.push((cut(&w[0].content), cut(&w[1].content)));
+            }
+        }
+    }
+    if pairs.is_empty() {
+        return Err(EditorError::Invalid(format!(
+            "{} holds no user/assistant turns",
+            path.display()
+        )));
+    }
+    Ok(pairs)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -77,6 +150,13 @@ pub struct UpqaReport {
     pub model_sha256: String,
     pub system_prompt: String,
     pub max_new_tokens_rule: String,
+    pub style: QuestionStyle,
+    /// The edits were trained without the explicit question (k > 1), so the
+    /// explicit score measures generalization to a held-out question.
+    pub explicit_held_out: bool,
+    /// Sequential edits only: unrelated answers, general knowledge and
+    /// perplexity, before and after all edits.
+    pub locality: Option<LocalityReport>,
     pub items: usize,
     pub scores: Vec<TypeScore>,
     pub edits_accepted: Option<usize>,
@@ -96,6 +176,15 @@ pub struct UpqaRun<'a> {
     pub system_prompt: &'a str,
     pub model_sha256: &'a str,
     pub adapter_dir: &'a Path,
+    pub style: QuestionStyle,
+    /// Train on the k cluster questions before the explicit one, keeping the
+    /// explicit question out of training.
+    pub hold_out_explicit: bool,
+    /// Distractor (user, assistant) pairs for `style.turns`.
+    pub distractors: &'a [(String, String)],
+    /// The base model's locality snapshot; sequential edit runs compare
+    /// against it.
+    pub locality_before: Option<&'a Snapshot>,
 }
 
 fn percentile(values: &[f64], p: f64) -> Option<f64> {
@@ -119,10 +208,55 @@ fn questions_of(item: &UpqaItem) -> [(&'static str, &str); 4] {
 
 impl UpqaRun<'_> {
     fn training_questions(&self, index: usize) -> Vec<String> {
-        match self.clusters {
-            Some(c) => c[index].questions(self.cluster_size),
-            None => vec![self.items[index].question.clone()],
+        match (self.clusters, self.hold_out_explicit) {
+            (Some(c), true) => {
+                let mut q = c[index].questions(self.cluster_size + 1);
+                q.pop();
+                q
+            }
+            (Some(c), false) => c[index].questions(self.cluster_size),
+            (None, _) => vec![self.items[index].question.clone()],
         }
+    }
+
+    /// The conversation before the question: the preference stated in the
+    /// first turn (PromptTurn), then `style.turns` distractor pairs.
+    fn history(&self, index: usize) -> Vec<ChatMessage> {
+        let mut messages = Vec::new();
+        if self.method == EvalMethod::PromptTurn {
+            messages.push(ChatMessage::user(&self.items[index].input_attribute));
+            messages.push(ChatMessage::assistant(ACKNOWLEDGEMENT));
+        }
+        if !self.distractors.is_empty() {
+            // A different stretch of conversation for each item.
+            let start = index * 7 % self.distractors.len();
+            for t in 0..self.style.turns {
+                let (u, a) = &self.distractors[(start + t) % self.distractors.len()];
+                messages.push(ChatMessage::user(u));
+                messages.push(ChatMessage::assistant(a));
+            }
+        }
+        messages
+    }
+
+    fn ask(
+        &self,
+        engine: &mut Engine,
+        system_prompt: &str,
+        history: &[ChatMessage],
+        question: &str,
+        budget: u32,
+    ) -> Result<String, EditorError> {
+        let params = GenerationParams::greedy(budget);
+        let mut quiet = |_: &str| ControlFlow::Continue(());
+        if self.style.raw {
+            let prompt = engine.tokenize(question);
+            return Ok(engine.generate(&prompt, &params, &mut quiet)?.text);
+        }
+        let mut messages = vec![ChatMessage::system(system_prompt)];
+        messages.extend_from_slice(history);
+        messages.push(ChatMessage::user(question));
+        Ok(engine.chat(&messages, &params, &mut quiet)?.text)
     }
 
     fn ask_all(
@@ -132,12 +266,19 @@ impl UpqaRun<'_> {
         system_prompt: &str,
     ) -> Result<Vec<QuestionResult>, EditorError> {
         let item = &self.items[index];
-        // Every method and question type gets the same budget.
-        let budget = engine.tokenize_plain(&item.target).len() as u32 + 16;
+        let target_tokens = engine.tokenize_plain(&item.target).len() as u32;
+        let history = self.history(index);
         questions_of(item)
             .into_iter()
             .map(|(kind, q)| {
-                let a = answer(engine, system_prompt, q, budget)?;
+                // Every method and question type gets the same budget,
+                // unless the paper's is asked for.
+                let budget = match (self.style.paper_budget, kind) {
+                    (true, "explicit") => target_tokens,
+                    (true, _) => target_tokens + 8,
+                    (false, _) => target_tokens + 16,
+                };
+                let a = self.ask(engine, system_prompt, &history, q, budget)?;
                 Ok(QuestionResult {
                     kind,
                     question: q.to_string(),
@@ -176,15 +317,16 @@ impl UpqaRun<'_> {
                 questions: Vec::new(),
             })
             .collect();
-        let total_steps = if self.method == EvalMethod::Ftm && self.mode == EvalMode::Sequential {
+        let total_steps = if self.method.edits() && self.mode == EvalMode::Sequential {
             2 * n
         } else {
             n
         };
         let mut done = 0;
+        let mut locality = None;
         engine.set_adapter(None)?;
         match (self.method, editor) {
-            (EvalMethod::None, _) => {
+            (EvalMethod::None | EvalMethod::PromptTurn, _) => {
                 for (i, r) in results.iter_mut().enumerate() {
                     r.questions = self.ask_all(engine, i, self.system_prompt)?;
                     done += 1;
@@ -198,12 +340,10 @@ impl UpqaRun<'_> {
                     progress(done, total_steps);
                 }
             }
-            (EvalMethod::Ftm, None) => {
-                return Err(EditorError::Invalid(
-                    "the ftm method needs the editor".into(),
-                ));
+            (EvalMethod::Ftm | EvalMethod::Rome, None) => {
+                return Err(EditorError::Invalid("edit methods need the editor".into()));
             }
-            (EvalMethod::Ftm, Some(editor)) => {
+            (EvalMethod::Ftm | EvalMethod::Rome, Some(editor)) => {
                 let mut active: Vec<Edit> = Vec::new();
                 let adapter = self.adapter_dir.join("eval.gguf");
                 for (i, r) in results.iter_mut().enumerate() {
@@ -251,6 +391,12 @@ impl UpqaRun<'_> {
                         done += 1;
                         progress(done, total_steps);
                     }
+                    if let Some(before) = self.locality_before {
+                        let after = Snapshot::take(engine, self.system_prompt, Some(before))?;
+                        let attributes: Vec<String> =
+                            active.iter().map(|e| e.request.attribute.clone()).collect();
+                        locality = Some(LocalityReport::compare(before, &after, &attributes));
+                    }
                     engine.set_adapter(None)?;
                 }
                 let _ = std::fs::remove_file(&adapter);
@@ -287,10 +433,17 @@ impl UpqaRun<'_> {
             model: engine.options().model_path.display().to_string(),
             model_sha256: self.model_sha256.to_string(),
             system_prompt: self.system_prompt.to_string(),
-            max_new_tokens_rule: "target tokens + 16, every method and question type".into(),
+            max_new_tokens_rule: if self.style.paper_budget {
+                "the paper's: target tokens for explicit, +8 for the others".into()
+            } else {
+                "target tokens + 16, every method and question type".into()
+            },
+            style: self.style.clone(),
+            explicit_held_out: self.hold_out_explicit && self.clusters.is_some(),
+            locality,
             items: n,
             scores,
-            edits_accepted: (self.method == EvalMethod::Ftm).then(|| {
+            edits_accepted: self.method.edits().then(|| {
                 results
                     .iter()
                     .filter(|r| r.edit_accepted == Some(true))
@@ -335,6 +488,28 @@ pub fn markdown(report: &UpqaReport) -> String {
         cell("implicit"),
         cell("product")
     ));
+    let mut notes = Vec::new();
+    if report.explicit_held_out {
+        notes.push(
+            "the explicit question was held out of every edit's training questions".to_string(),
+        );
+    }
+    if report.style.raw {
+        notes.push("raw prompts, no chat template".to_string());
+    }
+    if report.style.turns > 0 {
+        notes.push(format!(
+            "{} distractor turns before each question",
+            report.style.turns
+        ));
+    }
+    if !notes.is_empty() {
+        out.push_str(&format!("\nSetting: {}.\n", notes.join("; ")));
+    }
+    if let Some(l) = &report.locality {
+        out.push_str("\nLocality of the whole profile (base model → all edits):\n\n");
+        out.push_str(&l.markdown());
+    }
     if let Some(accepted) = report.edits_accepted {
         out.push_str(&format!(
             "\nEdits accepted by the verification gate: {accepted}/{}. Edit time per preference: median {:.1} s, p95 {:.1} s.\n",
