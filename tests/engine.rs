@@ -201,3 +201,27 @@ fn answers_do_not_depend_on_what_the_engine_answered_before() {
         );
     }
 }
+
+#[test]
+fn embeddings_are_normalised_and_rank_related_text_closer() {
+    let engine = common::engine();
+    let texts = [
+        "I like to dance at the club.",
+        "Dancing at clubs is my favourite thing to do.",
+        "Water boils at one hundred degrees Celsius.",
+    ];
+    let e = engine.embed(&texts).unwrap();
+    assert_eq!(e.len(), 3);
+    for v in &e {
+        assert_eq!(v.len(), 576, "SmolLM2-135M's hidden size");
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "{norm}");
+    }
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let related = dot(&e[0], &e[1]);
+    let unrelated = dot(&e[0], &e[2]);
+    assert!(related > unrelated, "{related} vs {unrelated}");
+    // The same text twice gives the same vector (no state leaks between texts).
+    let again = engine.embed(&texts[..1]).unwrap();
+    assert!(dot(&again[0], &e[0]) > 0.9999);
+}

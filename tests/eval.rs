@@ -75,6 +75,13 @@ fn prompt_baseline_smoke_run_on_five_items() {
 }
 
 #[test]
+fn rag_baseline_smoke_run_on_three_items() {
+    let report = eval("rag", &["--limit", "3"]);
+    check_shape(&report, 3);
+    assert_eq!(report["method"], "rag");
+}
+
+#[test]
 fn ftm_sequential_smoke_run_on_five_items() {
     // One item of each of five attribute types, one training question each.
     let report = eval(
@@ -88,4 +95,113 @@ fn ftm_sequential_smoke_run_on_five_items() {
         assert!(r["edit_seconds"].as_f64().unwrap() > 0.0);
         assert_eq!(r["training_questions"].as_array().unwrap().len(), 1);
     }
+    // Sequential edit runs measure the whole profile's locality.
+    let l = &report["locality"];
+    let total = l["unrelated_total"].as_u64().unwrap();
+    assert!(total >= 90, "{l}");
+    assert!(l["unrelated_unchanged"].as_u64().unwrap() <= total);
+    assert_eq!(l["knowledge_total"], 100);
+    assert!(l["perplexity_before"].as_f64().unwrap() > 1.0);
+    assert!(l["perplexity_after"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn held_out_explicit_trains_on_the_cluster_questions_before_it() {
+    let report = eval(
+        "ftm",
+        &[
+            "--limit",
+            "1",
+            "--cluster-size",
+            "2",
+            "--hold-out-explicit",
+            "--no-locality",
+        ],
+    );
+    check_shape(&report, 1);
+    assert_eq!(report["explicit_held_out"], true);
+    let r = &report["results"][0];
+    let explicit = r["questions"][0]["question"].as_str().unwrap();
+    let trained: Vec<&str> = r["training_questions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_str().unwrap())
+        .collect();
+    assert_eq!(trained.len(), 2);
+    assert!(
+        !trained.contains(&explicit),
+        "{trained:?} holds {explicit:?}"
+    );
+    assert!(report["locality"].is_null());
+}
+
+#[test]
+fn multi_turn_prompt_in_first_turn_with_the_papers_budget() {
+    let report = eval(
+        "prompt-turn",
+        &["--limit", "2", "--turns", "2", "--paper-budget"],
+    );
+    check_shape(&report, 2);
+    assert_eq!(report["style"]["turns"], 2);
+    assert_eq!(report["style"]["paper_budget"], true);
+    assert!(report["max_new_tokens_rule"]
+        .as_str()
+        .unwrap()
+        .contains("paper"));
+}
+
+#[test]
+fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("report");
+    let data = upqa_dir().join("../prefeval/prefeval_pro_balanced.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_imprint"))
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "prefeval", "--method", "prompt-turn", "--model"])
+        .arg(common::model_path())
+        .arg("--data")
+        .arg(&data)
+        .args(["--limit", "2", "--turns", "0,2", "--max-tokens", "16"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rates = report["rates"].as_array().unwrap();
+    let turns: Vec<u64> = rates.iter().map(|r| r["turns"].as_u64().unwrap()).collect();
+    assert_eq!(turns, [0, 2]);
+    for r in rates {
+        assert_eq!(r["total"], 2);
+        assert!(r["acknowledged"].as_u64().unwrap() <= 2);
+    }
+    assert_eq!(report["answers"].as_array().unwrap().len(), 4);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| turns | acknowledged |"), "{md}");
+}
+
+#[test]
+fn malformed_benchmark_files_get_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let bad = home.path().join("bad.json");
+    std::fs::write(&bad, "[{\"topic\": 1}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imprint"))
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "prefeval", "--method", "none", "--model"])
+        .arg(common::model_path())
+        .arg("--data")
+        .arg(&bad)
+        .arg("--out")
+        .arg(home.path().join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.json") && err.contains("line 1"), "{err}");
 }

@@ -539,6 +539,57 @@ impl Engine {
         Ok((prompt_time, gen_time))
     }
 
+    /// Mean-pooled, L2-normalised embeddings of `texts` from the base model
+    /// (a separate, short-lived context: the chat context and any adapter
+    /// are untouched). Used by the retrieval baseline.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
+        use llama_cpp_2::context::params::LlamaPoolingType;
+        const MAX_TOKENS: usize = 512;
+        let threads = self.options.resolved_threads() as i32;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(MAX_TOKENS as u32))
+            .with_n_batch(MAX_TOKENS as u32)
+            .with_n_ubatch(MAX_TOKENS as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            .with_embeddings(true)
+            .with_pooling_type(LlamaPoolingType::Mean);
+        let model = self.state().borrow_owner();
+        let mut ctx =
+            model
+                .new_context(backend::get(), params)
+                .map_err(|e| EngineError::Context {
+                    n_ctx: MAX_TOKENS as u32,
+                    message: e.to_string(),
+                })?;
+        let mut out = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut tokens = model.vocab().tokenize(text.as_bytes(), true, false);
+            tokens.truncate(MAX_TOKENS);
+            if tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            ctx.clear_kv_cache();
+            let mut batch = LlamaBatch::new(tokens.len(), 1);
+            batch
+                .add_sequence(&tokens, 0, false)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            ctx.decode(&mut batch)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            let embedding = ctx
+                .embeddings_seq_ith(0)
+                .map_err(|e| EngineError::Decode(e.to_string()))?;
+            let norm = embedding
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt()
+                .max(1e-12);
+            out.push(embedding.iter().map(|v| v / norm).collect());
+        }
+        Ok(out)
+    }
+
     /// Full-vocabulary logits at every position of `tokens`, decoded from an
     /// empty cache. Used to compare runtimes (parity) and adapters.
     pub fn logits_all(&mut self, tokens: &[i32]) -> Result<Vec<Vec<f32>>, EngineError> {

@@ -29,10 +29,56 @@ pub enum EvalMethod {
     /// PrefEval does), acknowledged by the assistant, before any distractor
     /// turns.
     PromptTurn,
+    /// Retrieval: the top-3 of all the run's stated preferences by
+    /// embedding similarity to the question (embeddings from llama.cpp,
+    /// mean-pooled), put in the system prompt.
+    Rag,
     /// FT-M weight edits.
     Ftm,
     /// ROME weight edits.
     Rome,
+}
+
+/// Preferences retrieved per question.
+const RAG_TOP_K: usize = 3;
+
+/// The retrieval baseline's store: every stated preference of the run.
+struct Retrieval {
+    texts: Vec<String>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+impl Retrieval {
+    fn new(engine: &Engine, texts: Vec<String>) -> Result<Self, EditorError> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let embeddings = engine.embed(&refs)?;
+        Ok(Self { texts, embeddings })
+    }
+
+    fn system_prompt(
+        &self,
+        engine: &Engine,
+        base: &str,
+        question: &str,
+    ) -> Result<String, EditorError> {
+        let q = engine.embed(&[question])?.remove(0);
+        let mut scored: Vec<(f32, usize)> = self
+            .embeddings
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>(), i))
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let known: Vec<String> = scored
+            .iter()
+            .take(RAG_TOP_K)
+            .map(|&(_, i)| format!("- {}", self.texts[i]))
+            .collect();
+        Ok(format!(
+            "{base}\nWhat you know about the user:\n{}",
+            known.join("\n")
+        ))
+    }
 }
 
 impl EvalMethod {
@@ -265,6 +311,16 @@ impl UpqaRun<'_> {
         index: usize,
         system_prompt: &str,
     ) -> Result<Vec<QuestionResult>, EditorError> {
+        self.ask_all_with(engine, index, system_prompt, None)
+    }
+
+    fn ask_all_with(
+        &self,
+        engine: &mut Engine,
+        index: usize,
+        system_prompt: &str,
+        retrieval: Option<&Retrieval>,
+    ) -> Result<Vec<QuestionResult>, EditorError> {
         let item = &self.items[index];
         let target_tokens = engine.tokenize_plain(&item.target).len() as u32;
         let history = self.history(index);
@@ -278,7 +334,11 @@ impl UpqaRun<'_> {
                     (true, _) => target_tokens + 8,
                     (false, _) => target_tokens + 16,
                 };
-                let a = self.ask(engine, system_prompt, &history, q, budget)?;
+                let system = match retrieval {
+                    Some(r) => r.system_prompt(engine, system_prompt, q)?,
+                    None => system_prompt.to_string(),
+                };
+                let a = self.ask(engine, &system, &history, q, budget)?;
                 Ok(QuestionResult {
                     kind,
                     question: q.to_string(),
@@ -329,6 +389,20 @@ impl UpqaRun<'_> {
             (EvalMethod::None | EvalMethod::PromptTurn, _) => {
                 for (i, r) in results.iter_mut().enumerate() {
                     r.questions = self.ask_all(engine, i, self.system_prompt)?;
+                    done += 1;
+                    progress(done, total_steps);
+                }
+            }
+            (EvalMethod::Rag, _) => {
+                let store = Retrieval::new(
+                    engine,
+                    self.items
+                        .iter()
+                        .map(|i| i.input_attribute.clone())
+                        .collect(),
+                )?;
+                for (i, r) in results.iter_mut().enumerate() {
+                    r.questions = self.ask_all_with(engine, i, self.system_prompt, Some(&store))?;
                     done += 1;
                     progress(done, total_steps);
                 }
