@@ -21,11 +21,22 @@ fn upqa_dir() -> PathBuf {
     dir
 }
 
+/// The CLI, pinned to one thread: the test harness runs two of these at once
+/// on a two-core machine, and llama.cpp's OpenMP workers spin while they
+/// wait, so two 2-thread processes slow each other down many times over.
+fn imprint() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
+    cmd.env("IMPRINT_ENGINE_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env("OMP_WAIT_POLICY", "passive");
+    cmd
+}
+
 fn eval(method: &str, extra: &[&str]) -> serde_json::Value {
     let home = tempfile::tempdir().unwrap();
     let out = home.path().join("report");
     let data = upqa_dir();
-    let status = Command::new(env!("CARGO_BIN_EXE_imprint"))
+    let status = imprint()
         .env("IMPRINT_HOME", home.path())
         .args(["eval", "upqa", "--method", method, "--model"])
         .arg(common::model_path())
@@ -156,7 +167,7 @@ fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
     let home = tempfile::tempdir().unwrap();
     let out = home.path().join("report");
     let data = upqa_dir().join("../prefeval/prefeval_pro_balanced.json");
-    let status = Command::new(env!("CARGO_BIN_EXE_imprint"))
+    let status = imprint()
         .env("IMPRINT_HOME", home.path())
         .args(["eval", "prefeval", "--method", "prompt-turn", "--model"])
         .arg(common::model_path())
@@ -191,7 +202,7 @@ fn malformed_benchmark_files_get_a_clear_error() {
     let home = tempfile::tempdir().unwrap();
     let bad = home.path().join("bad.json");
     std::fs::write(&bad, "[{\"topic\": 1}").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_imprint"))
+    let out = imprint()
         .env("IMPRINT_HOME", home.path())
         .args(["eval", "prefeval", "--method", "none", "--model"])
         .arg(common::model_path())

@@ -61,7 +61,8 @@ struct NewEdit {
     /// Weight of the ‖ΔW‖² penalty: smaller edits, better locality (default 0.01).
     #[arg(long)]
     l2: Option<f64>,
-    /// Share of unrelated probe answers that must stay exactly the same (default 0.5).
+    /// Share of the unrelated probes' answer tokens that must keep their
+    /// argmax (teacher-forced on the answers before the edit; default 0.9).
     #[arg(long)]
     min_locality: Option<f64>,
     /// Stop training once the mean target loss is below this (default 0.2).
@@ -216,8 +217,10 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
             println!("    {q} → {}", a.trim());
         }
         println!(
-            "  locality: {}/{} unrelated answers unchanged",
-            m.locality_kept, m.locality_total
+            "  locality: {}/{} unrelated answers unchanged word for word, {:.1}% of their tokens",
+            m.locality_kept,
+            m.locality_total,
+            m.token_locality() * 100.0
         );
         for c in &m.changed_probes {
             println!("    changed: {c}");

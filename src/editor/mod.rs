@@ -127,6 +127,12 @@ pub struct EditMetrics {
     /// Locality probes whose greedy answer did not change.
     pub locality_kept: usize,
     pub locality_total: usize,
+    /// Probe answer tokens (teacher-forced on the answer before the edit)
+    /// whose argmax did not change, and how many were compared.
+    #[serde(default)]
+    pub probe_tokens_kept: usize,
+    #[serde(default)]
+    pub probe_tokens_total: usize,
     /// Probes whose answer now contains the target: the edit fires where it
     /// should not. The gate allows none.
     #[serde(default)]
@@ -149,6 +155,15 @@ impl EditMetrics {
     pub fn efficacy(&self) -> f64 {
         self.efficacy_hits as f64 / self.efficacy_total.max(1) as f64
     }
+    /// Share of probe answer tokens kept (1 when nothing was compared).
+    pub fn token_locality(&self) -> f64 {
+        if self.probe_tokens_total == 0 {
+            1.0
+        } else {
+            self.probe_tokens_kept as f64 / self.probe_tokens_total as f64
+        }
+    }
+
     pub fn locality(&self) -> f64 {
         if self.locality_total == 0 {
             1.0

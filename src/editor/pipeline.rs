@@ -13,7 +13,7 @@ use super::model::LlamaModel;
 use super::nullspace;
 use super::prompts::{self, same_attribute};
 use super::rome::{self, subject_position, RomeSettings, SubjectSequence};
-use super::verify::{answer, contains_target, same_answer};
+use super::verify::{agreement, answer, contains_target, probe, same_answer};
 use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
 use crate::engine::{ChatMessage, Engine};
 use serde::{Deserialize, Serialize};
@@ -36,10 +36,12 @@ pub struct EditorSettings {
     /// How the anchor questions (other attributes, general questions, the
     /// other active preferences) are kept from changing.
     pub anchors: AnchorMode,
-    /// Share of locality probes that must keep their exact greedy answers.
-    /// On SmolLM2-135M even good edits reword some probe answers (see
-    /// docs/RESULTS.md), so the default only demands half; hijacking (a probe
-    /// answered with the target) is refused outright.
+    /// Share of the locality probes' answer tokens whose teacher-forced
+    /// argmax must stay the same. Exact greedy answers are not used: on
+    /// SmolLM2-135M any non-zero edit, however tiny, rewords some of them
+    /// through llama.cpp's 8-bit activation rounding (docs/RESULTS.md), while
+    /// token agreement separates that noise (≈ 99.6 %) from real damage.
+    /// Hijacking (a probe answered with the target) is refused outright.
     pub min_locality: f64,
     /// Tokens compared per probe answer.
     pub probe_tokens: u32,
@@ -64,7 +66,7 @@ impl Default for EditorSettings {
             stop_loss: 0.2,
             use_nullspace: true,
             anchors: AnchorMode::Loss,
-            min_locality: 0.5,
+            min_locality: 0.9,
             probe_tokens: 16,
             anchor_tokens: 6,
             system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
@@ -370,8 +372,8 @@ impl Editor {
             .collect();
         let mut probe_before = Vec::new();
         for p in &probes {
-            let before = answer(engine, &sys, &p.question, self.settings.probe_tokens)?;
-            tracing::debug!(question = %p.question, %before, "probe before");
+            let before = probe(engine, &sys, &p.question, self.settings.probe_tokens, None)?;
+            tracing::debug!(question = %p.question, before = %before.text, "probe before");
             probe_before.push(before);
         }
 
@@ -572,7 +574,17 @@ impl Editor {
                 metrics.answers.push(a);
             }
             for (p, before) in probes.iter().zip(&probe_before) {
-                let after = answer(engine, &sys, &p.question, self.settings.probe_tokens)?;
+                let after_probe = probe(
+                    engine,
+                    &sys,
+                    &p.question,
+                    self.settings.probe_tokens,
+                    Some(&before.tokens),
+                )?;
+                let (same, compared) = agreement(&before.argmax, &after_probe.argmax);
+                metrics.probe_tokens_kept += same;
+                metrics.probe_tokens_total += compared;
+                let (before, after) = (&before.text, after_probe.text);
                 metrics.locality_total += 1;
                 tracing::debug!(question = %p.question, %before, %after, same = same_answer(before, &after), "probe after");
                 if contains_target(&after, &request.target)
@@ -608,7 +620,7 @@ impl Editor {
             let efficacy_ok = edit.metrics.efficacy_hits == edit.metrics.efficacy_total;
             let locality_ok = edit.metrics.hijacked == 0
                 && edit.metrics.broken_edits == 0
-                && edit.metrics.locality() >= self.settings.min_locality;
+                && edit.metrics.token_locality() >= self.settings.min_locality;
             let reason = match (efficacy_ok, locality_ok) {
                 (true, true) => None,
                 (false, _) => Some(format!(
@@ -624,8 +636,8 @@ impl Editor {
                     edit.metrics.hijacked
                 )),
                 (true, false) => Some(format!(
-                    "it changed {}/{} unrelated answers (at most {:.0}% may change)",
-                    edit.metrics.locality_total - edit.metrics.locality_kept,
+                    "it changed {:.1}% of the tokens of {} unrelated answers (at most {:.0}% may change)",
+                    (1.0 - edit.metrics.token_locality()) * 100.0,
                     edit.metrics.locality_total,
                     (1.0 - self.settings.min_locality) * 100.0
                 )),

@@ -26,6 +26,68 @@ pub fn answer(
         .text)
 }
 
+/// A greedy answer with its tokens, and the model's teacher-forced argmax
+/// along a reference answer (`reference`, or this answer itself).
+pub struct ProbeAnswer {
+    pub text: String,
+    pub tokens: Vec<i32>,
+    /// The argmax at each position that predicts a reference token.
+    pub argmax: Vec<i32>,
+}
+
+/// Greedy answer to `question`, plus the argmax at every position of
+/// `reference` (or of the answer itself) fed in after the question. Greedy
+/// text diverges completely after one flipped near-tie; the argmax along a
+/// fixed answer counts each flip once.
+pub fn probe(
+    engine: &mut Engine,
+    system_prompt: &str,
+    question: &str,
+    max_tokens: u32,
+    reference: Option<&[i32]>,
+) -> Result<ProbeAnswer, EngineError> {
+    let messages = [
+        ChatMessage::system(system_prompt),
+        ChatMessage::user(question),
+    ];
+    let generation = engine.chat(
+        &messages,
+        &GenerationParams::greedy(max_tokens),
+        &mut |_| ControlFlow::Continue(()),
+    )?;
+    let teacher = reference.unwrap_or(&generation.tokens);
+    let mut tokens: Vec<i32> = engine
+        .tokenize(&engine.render(&messages)?)
+        .iter()
+        .map(|t| t.0)
+        .collect();
+    let prompt_len = tokens.len();
+    tokens.extend_from_slice(teacher);
+    let logits = engine.logits_all(&tokens[..tokens.len().saturating_sub(1)])?;
+    let argmax = logits
+        .iter()
+        .skip(prompt_len.saturating_sub(1))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i as i32)
+        })
+        .collect();
+    Ok(ProbeAnswer {
+        text: generation.text,
+        tokens: generation.tokens,
+        argmax,
+    })
+}
+
+/// Positions where two teacher-forced argmax sequences agree, and how many
+/// were compared.
+pub fn agreement(before: &[i32], after: &[i32]) -> (usize, usize) {
+    let same = before.iter().zip(after).filter(|(a, b)| a == b).count();
+    (same, before.len())
+}
+
 /// The paper's strict rule: the target appears in the answer, ignoring case.
 pub fn contains_target(answer: &str, target: &str) -> bool {
     answer
@@ -47,6 +109,12 @@ pub fn same_answer(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agreement_counts_equal_positions() {
+        assert_eq!(agreement(&[1, 2, 3], &[1, 5, 3]), (2, 3));
+        assert_eq!(agreement(&[], &[]), (0, 0));
+    }
 
     #[test]
     fn target_matching_ignores_case_and_surrounding_text() {

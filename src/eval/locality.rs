@@ -15,10 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::scoring::contains_target;
 use crate::editor::prompts::same_attribute;
-use crate::editor::verify::answer;
-use std::ops::ControlFlow;
-
-use crate::engine::{ChatMessage, Engine, EngineError, GenerationParams};
+use crate::editor::verify::{agreement, answer, probe};
+use crate::engine::{Engine, EngineError};
 
 const UNRELATED: &str = include_str!("../../assets/eval/unrelated_prompts.txt");
 const KNOWLEDGE: &str = include_str!("../../assets/eval/general_knowledge.tsv");
@@ -85,33 +83,17 @@ impl Snapshot {
         let mut answer_tokens = Vec::new();
         let mut teacher_argmax = Vec::new();
         for (i, (_, q)) in unrelated_prompts().iter().enumerate() {
-            let messages = [ChatMessage::system(system_prompt), ChatMessage::user(q)];
-            let generation = engine.chat(
-                &messages,
-                &GenerationParams::greedy(ANSWER_TOKENS),
-                &mut |_| ControlFlow::Continue(()),
+            let reference = reference.and_then(|r| r.answer_tokens.get(i));
+            let p = probe(
+                engine,
+                system_prompt,
+                q,
+                ANSWER_TOKENS,
+                reference.map(Vec::as_slice),
             )?;
-            let teacher = reference
-                .and_then(|r| r.answer_tokens.get(i))
-                .unwrap_or(&generation.tokens)
-                .clone();
-            let mut tokens: Vec<i32> = engine
-                .tokenize(&engine.render(&messages)?)
-                .iter()
-                .map(|t| t.0)
-                .collect();
-            let prompt_len = tokens.len();
-            tokens.extend_from_slice(&teacher);
-            let logits = engine.logits_all(&tokens[..tokens.len().saturating_sub(1)])?;
-            teacher_argmax.push(
-                logits
-                    .iter()
-                    .skip(prompt_len - 1)
-                    .map(|row| argmax(row))
-                    .collect(),
-            );
-            answers.push(generation.text);
-            answer_tokens.push(generation.tokens);
+            teacher_argmax.push(p.argmax);
+            answers.push(p.text);
+            answer_tokens.push(p.tokens);
         }
         let knowledge_correct = knowledge_questions()
             .iter()
@@ -128,13 +110,6 @@ impl Snapshot {
             perplexity: perplexity(engine, HELDOUT)?,
         })
     }
-}
-
-fn argmax(row: &[f32]) -> i32 {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as i32)
 }
 
 /// exp(mean negative log-likelihood) of `text`'s tokens, each predicted from
@@ -216,8 +191,9 @@ impl LocalityReport {
             if let (Some(tb), Some(ta)) =
                 (before.teacher_argmax.get(i), after.teacher_argmax.get(i))
             {
-                tokens_total += tb.len();
-                tokens_same += tb.iter().zip(ta).filter(|(x, y)| x == y).count();
+                let (same, compared) = agreement(tb, ta);
+                tokens_total += compared;
+                tokens_same += same;
             }
             if b.trim() == a.trim() {
                 unchanged += 1;
