@@ -216,3 +216,48 @@ fn malformed_benchmark_files_get_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.json") && err.contains("line 1"), "{err}");
 }
+
+#[test]
+fn the_calibration_set_shares_nothing_with_upqa() {
+    let mut texts = std::collections::HashSet::new();
+    let dir = upqa_dir();
+    for file in [
+        "UPQA_1000.json",
+        "balanced_subset_cluster9.json",
+        "balanced_subset_200_cluster9.json",
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        for item in v.as_array().unwrap() {
+            for key in [
+                "question",
+                "question_paraphrased",
+                "implicit_question",
+                "target",
+            ] {
+                match &item[key] {
+                    serde_json::Value::String(s) => {
+                        texts.insert(s.to_lowercase());
+                    }
+                    serde_json::Value::Array(a) => {
+                        for s in a.iter().filter_map(|s| s.as_str()) {
+                            texts.insert(s.to_lowercase());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(texts.len() > 1000);
+    for item in imprint::editor::calibrate::calibration_set(usize::MAX) {
+        for q in item.request.questions.iter().chain([&item.held_out]) {
+            assert!(!texts.contains(&q.to_lowercase()), "{q:?} is in UPQA");
+        }
+        assert!(
+            !texts.contains(&item.request.target.to_lowercase()),
+            "{:?}",
+            item.request.target
+        );
+    }
+}

@@ -46,7 +46,8 @@ struct NewEdit {
     /// LoRA rank (default 4).
     #[arg(long)]
     rank: Option<usize>,
-    /// Layer whose MLP down-projection is edited (default: about 2/3 of the depth).
+    /// Layer whose MLP down-projection is edited (default: `imprint calibrate`'s
+    /// choice for this model, else about 2/3 of the depth for ftm, 1/6 for rome).
     #[arg(long)]
     layer: Option<usize>,
     /// Maximum optimisation steps (default 40 for ftm, 25 for rome).
@@ -146,17 +147,28 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
     request.validate()?;
 
     let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
-    // Unset flags keep the editor's defaults (EditorSettings::default).
+    // Unset flags keep `imprint calibrate`'s choice for this model, else the
+    // editor's defaults (EditorSettings::default).
     let defaults = EditorSettings::default();
+    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    let calibrated =
+        imprint::editor::calibrate::Calibration::load(&app.paths.data_dir, &sha, args.method)?
+            .map(|c| c.best);
     let settings = EditorSettings {
         method: args.method,
-        layer: args.layer,
+        layer: args.layer.or(calibrated.map(|c| c.layer)),
         rank: args.rank.unwrap_or(defaults.rank),
         max_steps: args.steps.unwrap_or(defaults.max_steps),
-        learning_rate: args.lr.unwrap_or(defaults.learning_rate),
+        learning_rate: args
+            .lr
+            .or(calibrated.map(|c| c.learning_rate))
+            .unwrap_or(defaults.learning_rate),
         rome: imprint::editor::rome::RomeSettings {
             steps: args.steps.unwrap_or(defaults.rome.steps),
-            learning_rate: args.lr.unwrap_or(defaults.rome.learning_rate),
+            learning_rate: args
+                .lr
+                .or(calibrated.map(|c| c.learning_rate))
+                .unwrap_or(defaults.rome.learning_rate),
             ..defaults.rome.clone()
         },
         anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),

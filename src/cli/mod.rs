@@ -2,6 +2,7 @@
 
 mod ask;
 mod bench;
+mod calibrate;
 mod chat;
 mod config_cmd;
 mod edit;
@@ -47,6 +48,8 @@ enum Command {
     Config(config_cmd::ConfigCommand),
     /// Teach the model a preference by editing its weights; list or remove edits.
     Edit(edit::EditArgs),
+    /// Choose the edit layer and learning rate for this model on a small generated set.
+    Calibrate(calibrate::CalibrateArgs),
     /// Measure personalization quality on benchmark data.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -102,6 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config(cmd) => config_cmd::run(&ctx, cmd),
         Command::Edit(args) => edit::run(&ctx, args),
         Command::Eval(cmd) => eval::run(&ctx, cmd),
+        Command::Calibrate(args) => calibrate::run(&ctx, args),
         Command::Bench(cmd) => bench::run(&ctx, cmd),
     }
 }

@@ -5,6 +5,8 @@
 //! - [`model`]: differentiable llama forward over the dequantized GGUF.
 //! - [`ftm`]: FT-M, trained as a rank-r LoRA on one MLP down-projection,
 //!   with null-space projection and contrastive anchors for locality.
+//! - [`calibrate`]: `imprint calibrate`, a layer × learning-rate sweep on a
+//!   generated set, stored per model.
 //! - [`rome`]: ROME, a rank-one edit of an early MLP with a closed-form
 //!   update weighted by the inverse key covariance.
 //! - [`nullspace`]: the AlphaEdit-style projector and the key covariance,
@@ -16,6 +18,7 @@
 
 pub mod adapter;
 pub mod baseline;
+pub mod calibrate;
 pub mod ftm;
 pub mod model;
 pub mod nullspace;
