@@ -173,16 +173,7 @@ fn target_logprob(engine: &mut imprint::engine::Engine, question: &str, target: 
     answer
         .iter()
         .enumerate()
-        .map(|(i, &t)| {
-            let row = &logits[prompt_len - 1 + i];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let log_sum = row
-                .iter()
-                .map(|&l| f64::from(l - max).exp())
-                .sum::<f64>()
-                .ln();
-            f64::from(row[t as usize] - max) - log_sum
-        })
+        .map(|(i, &t)| imprint::eval::locality::log_prob(&logits[prompt_len - 1 + i], t))
         .sum()
 }
 

@@ -163,15 +163,7 @@ fn prefeval(app: &App, args: PrefevalArgs) -> Result<ExitCode> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    let json_path = args.out.join("report.json");
-    let md_path = args.out.join("report.md");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    let md = markdown(&report);
-    std::fs::write(&md_path, &md).with_context(|| format!("cannot write {}", md_path.display()))?;
-    print!("{md}");
-    println!("\nWrote {} and {}.", json_path.display(), md_path.display());
-    Ok(ExitCode::SUCCESS)
+    write_report(&args.out, &report, &markdown(&report))
 }
 
 /// The base model's locality snapshot, cached per model, system prompt and
@@ -348,12 +340,20 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    let json_path = args.out.join("report.json");
-    let md_path = args.out.join("report.md");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+    write_report(&args.out, &report, &markdown(&report))
+}
+
+/// Writes `DIR/report.json` and `DIR/report.md` and prints the Markdown.
+fn write_report(
+    out: &std::path::Path,
+    report: &impl serde::Serialize,
+    md: &str,
+) -> Result<ExitCode> {
+    let json_path = out.join("report.json");
+    let md_path = out.join("report.md");
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
-    let md = markdown(&report);
-    std::fs::write(&md_path, &md).with_context(|| format!("cannot write {}", md_path.display()))?;
+    std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
     print!("{md}");
     println!("\nWrote {} and {}.", json_path.display(), md_path.display());
     Ok(ExitCode::SUCCESS)

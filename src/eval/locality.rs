@@ -112,6 +112,22 @@ impl Snapshot {
     }
 }
 
+/// log softmax(`logits`)[`token`], computed stably in f64.
+pub fn log_prob(logits: &[f32], token: i32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits
+        .iter()
+        .map(|&l| f64::from(l - max).exp())
+        .sum::<f64>()
+        .ln();
+    let picked = usize::try_from(token)
+        .ok()
+        .and_then(|t| logits.get(t))
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    f64::from(picked - max) - log_sum
+}
+
 /// exp(mean negative log-likelihood) of `text`'s tokens, each predicted from
 /// the ones before it.
 pub fn perplexity(engine: &mut Engine, text: &str) -> Result<f64, EngineError> {
@@ -120,17 +136,11 @@ pub fn perplexity(engine: &mut Engine, text: &str) -> Result<f64, EngineError> {
         return Ok(f64::NAN);
     }
     let logits = engine.logits_all(&tokens)?;
-    let mut nll = 0.0f64;
-    for (row, &next) in logits.iter().zip(&tokens[1..]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_sum = row
-            .iter()
-            .map(|&l| f64::from(l - max).exp())
-            .sum::<f64>()
-            .ln();
-        let picked = row.get(next as usize).copied().unwrap_or(f32::NEG_INFINITY);
-        nll += log_sum - f64::from(picked - max);
-    }
+    let nll: f64 = logits
+        .iter()
+        .zip(&tokens[1..])
+        .map(|(row, &next)| -log_prob(row, next))
+        .sum();
     Ok((nll / (tokens.len() - 1) as f64).exp())
 }
 
@@ -273,6 +283,15 @@ mod tests {
             knowledge_correct: knowledge.to_vec(),
             perplexity,
         }
+    }
+
+    #[test]
+    fn log_prob_is_a_log_softmax() {
+        let lp: Vec<f64> = (0..3).map(|t| log_prob(&[1.0, 2.0, 3.0], t)).collect();
+        let total: f64 = lp.iter().map(|l| l.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert!(lp[2] > lp[1] && lp[1] > lp[0]);
+        assert_eq!(log_prob(&[1.0], 5), f64::NEG_INFINITY);
     }
 
     #[test]
