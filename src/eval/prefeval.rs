@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::upqa::distractor_pairs;
+use super::upqa::{distractor_pairs, distractor_turns, ACKNOWLEDGEMENT};
 use crate::editor::adapter::write_adapter;
 use crate::editor::{Edit, EditRequest, Editor, EditorError};
 use crate::engine::{ChatMessage, Engine, GenerationParams};
@@ -204,14 +204,9 @@ impl PrefEvalRun<'_> {
                 let mut messages = vec![ChatMessage::system(system)];
                 if self.method == PrefMethod::PromptTurn {
                     messages.push(ChatMessage::user(&item.preference));
-                    messages.push(ChatMessage::assistant("Got it, I will keep that in mind."));
+                    messages.push(ChatMessage::assistant(ACKNOWLEDGEMENT));
                 }
-                let start = i * 7 % distractors.len();
-                for t in 0..turns {
-                    let (u, a) = &distractors[(start + t) % distractors.len()];
-                    messages.push(ChatMessage::user(u));
-                    messages.push(ChatMessage::assistant(a));
-                }
+                messages.extend(distractor_turns(&distractors, i, turns));
                 messages.push(ChatMessage::user(&item.question));
                 let answer = engine
                     .chat(

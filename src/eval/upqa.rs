@@ -99,8 +99,27 @@ pub struct QuestionStyle {
     pub turns: usize,
 }
 
+/// `turns` distractor user + assistant pairs for item `index`: a different
+/// stretch of the conversations for each item, wrapping around.
+pub fn distractor_turns(
+    distractors: &[(String, String)],
+    index: usize,
+    turns: usize,
+) -> Vec<ChatMessage> {
+    if distractors.is_empty() {
+        return Vec::new();
+    }
+    let start = index * 7 % distractors.len();
+    (0..turns)
+        .flat_map(|t| {
+            let (u, a) = &distractors[(start + t) % distractors.len()];
+            [ChatMessage::user(u), ChatMessage::assistant(a)]
+        })
+        .collect()
+}
+
 /// What the assistant says after a preference stated in the first turn.
-const ACKNOWLEDGEMENT: &str = "Got it, I will keep that in mind.";
+pub const ACKNOWLEDGEMENT: &str = "Got it, I will keep that in mind.";
 /// Each distractor message is cut to this many characters, so ten turns fit
 /// the context and the run stays affordable on a CPU.
 const DISTRACTOR_CHARS: usize = 400;
@@ -273,15 +292,7 @@ impl UpqaRun<'_> {
             messages.push(ChatMessage::user(&self.items[index].input_attribute));
             messages.push(ChatMessage::assistant(ACKNOWLEDGEMENT));
         }
-        if !self.distractors.is_empty() {
-            // A different stretch of conversation for each item.
-            let start = index * 7 % self.distractors.len();
-            for t in 0..self.style.turns {
-                let (u, a) = &self.distractors[(start + t) % self.distractors.len()];
-                messages.push(ChatMessage::user(u));
-                messages.push(ChatMessage::assistant(a));
-            }
-        }
+        messages.extend(distractor_turns(self.distractors, index, self.style.turns));
         messages
     }
 
