@@ -135,19 +135,16 @@ pub fn load_engine(
     model: Option<&str>,
     personalized: bool,
 ) -> Result<imprint::engine::Engine> {
-    let path: PathBuf = imprint::models::resolve_model(&ctx.paths, &ctx.config.config, model)?;
-    let options = imprint::engine::EngineOptions::from_config(&path, &ctx.config.config.engine);
-    let spinner = ctx.spinner(&format!("loading {}", path.display()));
-    let engine = imprint::engine::Engine::load(options);
-    spinner.finish_and_clear();
-    let mut engine = engine?;
+    let mut engine = load_engine_with_context(ctx, model, 0)?;
     if personalized {
         attach_active_edits(ctx, &mut engine)?;
     }
     Ok(engine)
 }
 
-/// [`load_engine`] with a larger context (long multi-turn evaluations).
+/// [`load_engine`] without the profile's edits, with a context of at least
+/// `context_size` tokens (long multi-turn evaluations ask for more than
+/// the configured size).
 pub fn load_engine_with_context(
     ctx: &App,
     model: Option<&str>,
@@ -156,7 +153,10 @@ pub fn load_engine_with_context(
     let path: PathBuf = imprint::models::resolve_model(&ctx.paths, &ctx.config.config, model)?;
     let mut options = imprint::engine::EngineOptions::from_config(&path, &ctx.config.config.engine);
     options.context_size = options.context_size.max(context_size);
-    Ok(imprint::engine::Engine::load(options)?)
+    let spinner = ctx.spinner(&format!("loading {}", path.display()));
+    let engine = imprint::engine::Engine::load(options);
+    spinner.finish_and_clear();
+    Ok(engine?)
 }
 
 /// The model's fingerprint and an editor for the engine's model.
