@@ -3,7 +3,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use imprint::editor::store::{rebuild_adapter, EditStore};
 use imprint::editor::{AnchorMode, EditRequest, EditorSettings, Method};
 
 use super::App;
@@ -90,29 +89,38 @@ struct NewEdit {
 }
 
 pub fn run(app: &App, args: EditArgs) -> Result<ExitCode> {
-    let store = EditStore::new(&app.paths.data_dir);
     match args.command {
         Some(EditCommand::List { json }) => {
-            let edits = store.list()?;
+            let profile = super::open_profile(app)?;
+            let edits = profile.edits()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&edits)?);
+                let list: Vec<_> = edits
+                    .iter()
+                    .map(|s| serde_json::json!({"preference_id": s.preference_id, "edit": s.edit}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(ExitCode::SUCCESS);
             }
             if edits.is_empty() {
                 println!("No edits yet. Teach one with: imprint edit --attribute hobby --target \"Dancing at clubs\" --question \"What's my hobby?\"");
             }
-            for e in &edits {
-                let status = if e.active { "active  " } else { "rejected" };
+            for s in &edits {
+                let e = &s.edit;
+                let status = if e.active { "active  " } else { "inactive" };
                 println!(
-                    "{}  {status}  {:<14} → {:<28} layer {:>2}  efficacy {}/{}  locality {}/{}  {:.1}s",
+                    "{}  pref {:>3}  {status}  {:<14} → {:<28} {} layer {:>2}  efficacy {}/{}  locality {:.1}%  {:.1}s",
                     e.id,
+                    s.preference_id,
                     e.request.attribute,
                     e.request.target,
+                    match e.method {
+                        Method::Ftm => "ftm ",
+                        Method::Rome => "rome",
+                    },
                     e.layer,
                     e.metrics.efficacy_hits,
                     e.metrics.efficacy_total,
-                    e.metrics.locality_kept,
-                    e.metrics.locality_total,
+                    e.metrics.token_locality() * 100.0,
                     e.metrics.train_seconds
                 );
                 if let Some(reason) = &e.rejection {
@@ -122,83 +130,79 @@ pub fn run(app: &App, args: EditArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(EditCommand::Remove { id }) => {
-            let removed = store.remove(&id)?;
-            rebuild_adapter(&store, &app.paths.cache_dir, &removed.model_sha256, "llama")?;
+            let mut profile = super::open_profile(app)?;
+            let removed = profile.remove_edit(&id)?;
+            let arch = profile
+                .models()?
+                .into_iter()
+                .find(|m| m.sha256 == removed.edit.model_sha256)
+                .map(|m| m.architecture)
+                .unwrap_or_else(|| "llama".into());
+            profile.assemble_adapter(&app.paths.cache_dir, &removed.edit.model_sha256, &arch)?;
             println!(
-                "Removed edit {id} ({} → {}).",
-                removed.request.attribute, removed.request.target
+                "Removed edit {id} ({} → {}); preference {} stays (`imprint prefs forget {}` removes it too).",
+                removed.edit.request.attribute,
+                removed.edit.request.target,
+                removed.preference_id,
+                removed.preference_id
             );
             Ok(ExitCode::SUCCESS)
         }
-        None => new_edit(app, &store, args.new),
+        None => new_edit(app, args.new),
     }
 }
 
-fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
-    let attribute = args.attribute.context(
+fn new_edit(app: &App, args: NewEdit) -> Result<ExitCode> {
+    let attribute = args.attribute.clone().context(
         "give --attribute, --target and at least one --question (see `imprint edit --help`)",
     )?;
-    let target = args.target.context("give --target: the answer to teach")?;
+    let target = args.target.clone().context("give --target: the answer to teach")?;
     let request = EditRequest {
         attribute,
         target,
-        questions: args.questions,
+        questions: args.questions.clone(),
     };
     request.validate()?;
+    let mut profile = super::open_profile(app)?;
 
     let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
-    // Unset flags keep `imprint calibrate`'s choice for this model, else the
-    // editor's defaults (EditorSettings::default).
-    let defaults = EditorSettings::default();
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
-    let calibrated =
-        imprint::editor::calibrate::Calibration::load(&app.paths.data_dir, &sha, args.method)?
-            .map(|c| c.best);
-    let settings = EditorSettings {
-        method: args.method,
-        layer: args.layer.or(calibrated.map(|c| c.layer)),
-        rank: args.rank.unwrap_or(defaults.rank),
-        max_steps: args.steps.unwrap_or(defaults.max_steps),
-        learning_rate: args
-            .lr
-            .or(calibrated.map(|c| c.learning_rate))
-            .unwrap_or(defaults.learning_rate),
-        rome: imprint::editor::rome::RomeSettings {
-            steps: args.steps.unwrap_or(defaults.rome.steps),
-            learning_rate: args
-                .lr
-                .or(calibrated.map(|c| c.learning_rate))
-                .unwrap_or(defaults.rome.learning_rate),
-            ..defaults.rome.clone()
-        },
-        anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
-        stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
-        l2: args.l2.unwrap_or(defaults.l2),
-        min_locality: args.min_locality.unwrap_or(defaults.min_locality),
-        use_nullspace: !args.no_nullspace,
-        anchors: args.anchors.unwrap_or(defaults.anchors),
-        retry: !args.no_retry,
-        system_prompt: app.config.config.generation.system_prompt.clone(),
-        ..defaults
-    };
+    let settings = settings_from_args(app, &sha, &args)?;
     let started = std::time::Instant::now();
     let (sha, mut editor) = super::load_editor(app, &engine, settings)?;
-    let active = store.active_for(&sha)?;
-    let spinner = app.spinner("preparing the edit");
-    let outcome = editor.compute(&mut engine, &request, &active, |stage| {
-        spinner.set_message(stage.to_string())
-    })?;
-    spinner.finish_and_clear();
-    store.save(&outcome.edit)?;
-    if outcome.accepted {
-        rebuild_adapter(store, &app.paths.cache_dir, &sha, "llama")?;
-    }
+    profile.remember_model(&super::model_record(app, &engine, Some(&editor))?)?;
+    let preference = imprint::profile::NewPreference {
+        attribute: request.attribute.clone(),
+        target: request.target.clone(),
+        polarity: imprint::profile::Polarity::Is,
+        statement: format!("{} → {}", request.attribute, request.target),
+        confidence: 1.0,
+        status: imprint::profile::PreferenceStatus::Active,
+        source: imprint::profile::SourceRef::Manual {
+            note: "taught with imprint edit".into(),
+        },
+        cluster: request
+            .questions
+            .iter()
+            .filter(|q| !q.trim().is_empty())
+            .map(|q| imprint::profile::ClusterMember {
+                attribute: request.attribute.clone(),
+                question: q.clone(),
+            })
+            .collect(),
+    };
+    let preference_id = profile.add_preference(&preference)?;
+    let outcome = super::prefs::learn(app, &mut profile, &mut engine, &mut editor, preference_id, &sha)?;
+    let Some(outcome) = outcome else {
+        anyhow::bail!("the edit job for preference {preference_id} was skipped");
+    };
     let total = started.elapsed().as_secs_f64();
     if args.json {
         println!(
             "{}",
             serde_json::json!({
                 "id": outcome.edit.id,
+                "preference_id": preference_id,
                 "accepted": outcome.accepted,
                 "reason": outcome.reason,
                 "attempts": outcome.attempts,
@@ -208,46 +212,37 @@ fn new_edit(app: &App, store: &EditStore, args: NewEdit) -> Result<ExitCode> {
             })
         );
     } else {
-        let m = &outcome.edit.metrics;
-        println!(
-            "{} edit {} ({} → {}) at layer {}",
-            if outcome.accepted {
-                "Accepted"
-            } else {
-                "Rejected"
-            },
-            outcome.edit.id,
-            request.attribute,
-            request.target,
-            outcome.edit.layer
-        );
-        println!(
-            "  efficacy: {}/{} questions answer with the target",
-            m.efficacy_hits, m.efficacy_total
-        );
-        for (q, a) in request.questions.iter().zip(&m.answers) {
-            println!("    {q} → {}", a.trim());
-        }
-        println!(
-            "  locality: {}/{} unrelated answers unchanged word for word, {:.1}% of their tokens",
-            m.locality_kept,
-            m.locality_total,
-            m.token_locality() * 100.0
-        );
-        for c in &m.changed_probes {
-            println!("    changed: {c}");
-        }
-        println!(
-            "  time: training {:.2}s ({} steps, loss {:.3}), verification {:.2}s, total {:.2}s, attempts {}",
-            m.train_seconds, m.steps, m.final_loss, m.verify_seconds, total, outcome.attempts
-        );
-        if let Some(reason) = &outcome.reason {
-            println!("  not applied: {reason}");
-        }
+        super::prefs::print_outcome(&request, &outcome, total);
     }
     Ok(if outcome.accepted {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
+    })
+}
+
+/// Unset flags keep `imprint calibrate`'s choice for this model, else the
+/// editor's defaults (EditorSettings::default).
+fn settings_from_args(app: &App, sha: &str, args: &NewEdit) -> Result<EditorSettings> {
+    let defaults = super::prefs::default_settings(app, sha, args.method)?;
+    Ok(EditorSettings {
+        method: args.method,
+        layer: args.layer.or(defaults.layer),
+        rank: args.rank.unwrap_or(defaults.rank),
+        max_steps: args.steps.unwrap_or(defaults.max_steps),
+        learning_rate: args.lr.unwrap_or(defaults.learning_rate),
+        rome: imprint::editor::rome::RomeSettings {
+            steps: args.steps.unwrap_or(defaults.rome.steps),
+            learning_rate: args.lr.unwrap_or(defaults.rome.learning_rate),
+            ..defaults.rome.clone()
+        },
+        anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
+        stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
+        l2: args.l2.unwrap_or(defaults.l2),
+        min_locality: args.min_locality.unwrap_or(defaults.min_locality),
+        use_nullspace: !args.no_nullspace,
+        anchors: args.anchors.unwrap_or(defaults.anchors),
+        retry: !args.no_retry,
+        ..defaults
     })
 }

@@ -207,12 +207,11 @@ pub fn base_snapshot(
 }
 
 fn locality(app: &App, args: LocalityArgs) -> Result<ExitCode> {
-    use imprint::editor::store::EditStore;
     let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
     let system_prompt = app.config.config.generation.system_prompt.clone();
     let before = base_snapshot(app, &mut engine, &sha, &system_prompt)?;
-    let edits = EditStore::new(&app.paths.data_dir).active_for(&sha)?;
+    let edits = super::open_profile(app)?.active_edits(&sha)?;
     if edits.is_empty() {
         println!("No active edits for this model: nothing to compare.");
         return Ok(ExitCode::SUCCESS);

@@ -8,6 +8,8 @@ mod config_cmd;
 mod edit;
 mod eval;
 mod model;
+mod prefs;
+mod profile;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -56,6 +58,18 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The encrypted profile: status, export, import, delete, audit log.
+    #[command(subcommand)]
+    Profile(profile::ProfileCommand),
+    /// Review, approve, reject, change and forget learned preferences.
+    #[command(subcommand)]
+    Prefs(prefs::PrefsCommand),
+    /// Stored conversations: list, show, delete.
+    #[command(subcommand)]
+    History(profile::HistoryCommand),
+    /// The learning job queue: list, or run the queued jobs now.
+    #[command(subcommand)]
+    Jobs(prefs::JobsCommand),
 }
 
 /// What every command gets: where files live and the effective config.
@@ -107,6 +121,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(cmd) => eval::run(&ctx, cmd),
         Command::Calibrate(args) => calibrate::run(&ctx, args),
         Command::Bench(cmd) => bench::run(&ctx, cmd),
+        Command::Profile(cmd) => profile::run(&ctx, cmd),
+        Command::Prefs(cmd) => prefs::run(&ctx, cmd),
+        Command::History(cmd) => profile::history(&ctx, cmd),
+        Command::Jobs(cmd) => prefs::jobs(&ctx, cmd),
     }
 }
 
@@ -171,20 +189,59 @@ pub fn load_editor(
     Ok((sha, editor))
 }
 
-/// Attaches the adapter of the active edits computed for this model, if any.
+/// Opens the profile, creating it (encrypted) on first use. Notices about
+/// how it was protected, and edits moved in from older versions, go to
+/// stderr: nothing about the key is ever decided silently.
+pub fn open_profile(ctx: &App) -> Result<imprint::profile::Profile> {
+    use imprint::profile::{EnvOrPrompt, Profile};
+    let (mut profile, notice) = Profile::open_or_create(&ctx.paths, &EnvOrPrompt)
+        .with_context(|| format!("cannot open the profile in {}", ctx.paths.data_dir.display()))?;
+    if let Some(notice) = notice {
+        eprintln!("imprint: {notice}");
+    }
+    let moved = profile.adopt_legacy_edits(&ctx.paths.data_dir)?;
+    if moved > 0 {
+        eprintln!("imprint: moved {moved} edit(s) from the old edits folder into the encrypted profile");
+    }
+    Ok(profile)
+}
+
+/// What the profile records about the engine's model.
+pub fn model_record(
+    ctx: &App,
+    engine: &imprint::engine::Engine,
+    editor: Option<&imprint::editor::Editor>,
+) -> Result<imprint::profile::edits::ModelRecord> {
+    let path = &engine.options().model_path;
+    let summary = engine.summary();
+    Ok(imprint::profile::edits::ModelRecord {
+        sha256: imprint::models::fingerprint(&ctx.paths, path)?,
+        path: path.display().to_string(),
+        architecture: summary.architecture.clone(),
+        n_layer: summary.n_layer as usize,
+        n_embd: summary.n_embd as usize,
+        n_ff: editor.map(|e| e.model().config.n_ff).unwrap_or(0),
+    })
+}
+
+/// The attached adapter is rebuilt from the profile: the one place the
+/// assembled weights come from.
 pub fn attach_active_edits(ctx: &App, engine: &mut imprint::engine::Engine) -> Result<usize> {
-    use imprint::editor::store::{rebuild_adapter, EditStore};
+    let profile = open_profile(ctx)?;
+    attach_from(ctx, &profile, engine)
+}
+
+pub fn attach_from(
+    ctx: &App,
+    profile: &imprint::profile::Profile,
+    engine: &mut imprint::engine::Engine,
+) -> Result<usize> {
     let sha = imprint::models::fingerprint(&ctx.paths, &engine.options().model_path)?;
-    let store = EditStore::new(&ctx.paths.data_dir);
-    let active = store.active_for(&sha)?.len();
-    let adapter = rebuild_adapter(
-        &store,
-        &ctx.paths.cache_dir,
-        &sha,
-        &engine.summary().architecture,
-    )?;
+    let active = profile.active_edits(&sha)?.len();
+    let architecture = engine.summary().architecture.clone();
+    let adapter = profile.assemble_adapter(&ctx.paths.cache_dir, &sha, &architecture)?;
     if let Some(path) = &adapter {
-        imprint::editor::adapter::check_adapter(path, &engine.summary().architecture, &sha)?;
+        imprint::editor::adapter::check_adapter(path, &architecture, &sha)?;
     }
     engine.set_adapter(adapter.as_deref())?;
     Ok(active)

@@ -13,7 +13,7 @@
 //!   cached per model and layer.
 //! - [`adapter`]: the GGUF LoRA writer and reader.
 //! - [`verify`]: the gate that runs each edit through llama.cpp.
-//! - [`store`]: where edits live on disk (until the profile store lands).
+//! Edits are stored in the profile ([`crate::profile`]).
 //! - [`Editor`]: the whole pipeline.
 
 pub mod adapter;
@@ -25,7 +25,6 @@ pub mod nullspace;
 pub mod pipeline;
 pub mod prompts;
 pub mod rome;
-pub mod store;
 pub mod verify;
 
 use std::path::PathBuf;

@@ -159,6 +159,11 @@ impl Editor {
         &self.model
     }
 
+    /// The fingerprint of the model this editor computes edits for.
+    pub fn model_sha256(&self) -> &str {
+        &self.model_sha256
+    }
+
     pub fn default_layer(&self) -> usize {
         self.default_layer_for(self.settings.method)
     }

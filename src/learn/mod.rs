@@ -1,0 +1,152 @@
+//! Learning: from a stored preference to an edit in the weights.
+//!
+//! Every learning step goes through the profile's job queue, so it can be
+//! resumed after a crash: the preference is stored and an edit job queued
+//! (one transaction), the editor computes and verifies the edit, and the
+//! edit is stored together with the job's completion (one transaction).
+//! The assembled adapter is a cache rebuilt from the stored edits. A
+//! process killed anywhere leaves the job queued or done, never a
+//! half-written edit.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::editor::{EditOutcome, Editor, EditorError};
+use crate::engine::Engine;
+use crate::profile::{Job, PreferenceStatus, Profile, ProfileError};
+
+pub const EDIT_JOB: &str = "edit";
+
+#[derive(Debug, Error)]
+pub enum LearnError {
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    #[error(transparent)]
+    Editor(#[from] EditorError),
+    #[error("job {id} is not an edit job for this model: {reason}")]
+    BadJob { id: i64, reason: String },
+}
+
+/// The payload of an edit job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditJob {
+    pub preference_id: i64,
+    /// The model to compute the edit for.
+    pub model_sha256: String,
+}
+
+impl EditJob {
+    pub fn from_job(job: &Job) -> Result<Self, LearnError> {
+        if job.kind != EDIT_JOB {
+            return Err(LearnError::BadJob {
+                id: job.id,
+                reason: format!("its kind is {}", job.kind),
+            });
+        }
+        serde_json::from_value(job.payload.clone()).map_err(|e| LearnError::BadJob {
+            id: job.id,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Queues the computation of a preference's edit for a model.
+pub fn queue_edit(
+    profile: &Profile,
+    preference_id: i64,
+    model_sha256: &str,
+) -> Result<i64, LearnError> {
+    let payload = serde_json::to_value(EditJob {
+        preference_id,
+        model_sha256: model_sha256.to_string(),
+    })
+    .map_err(|e| ProfileError::Invalid(e.to_string()))?;
+    Ok(profile.enqueue_job(EDIT_JOB, &payload)?)
+}
+
+/// What running one job did.
+#[derive(Debug)]
+pub enum JobResult {
+    /// The edit was computed and stored (accepted by the gate or not).
+    Edited(Box<EditOutcome>),
+    /// Nothing to do: the preference is gone or no longer active.
+    Skipped(String),
+}
+
+/// Runs one claimed edit job: computes the preference's edit with the
+/// editor (on top of the model's other active edits), then stores it and
+/// completes the job in one transaction. On failure the job is marked
+/// failed with the reason. The caller rebuilds the adapter afterwards.
+pub fn run_edit_job(
+    profile: &mut Profile,
+    engine: &mut Engine,
+    editor: &mut Editor,
+    job: &Job,
+    progress: impl FnMut(&str),
+) -> Result<JobResult, LearnError> {
+    let result = run_inner(profile, engine, editor, job, progress);
+    match &result {
+        Ok(JobResult::Skipped(why)) => profile.finish_job(job.id, None).map(|_| {
+            tracing::info!("job {} skipped: {why}", job.id);
+        })?,
+        Ok(JobResult::Edited(_)) => {}
+        Err(e) => profile.finish_job(job.id, Some(&e.to_string()))?,
+    }
+    result
+}
+
+fn run_inner(
+    profile: &mut Profile,
+    engine: &mut Engine,
+    editor: &mut Editor,
+    job: &Job,
+    progress: impl FnMut(&str),
+) -> Result<JobResult, LearnError> {
+    let spec = EditJob::from_job(job)?;
+    let preference = match profile.preference(spec.preference_id) {
+        Ok(p) => p,
+        Err(ProfileError::UnknownPreference(_)) => {
+            return Ok(JobResult::Skipped(format!(
+                "preference {} was forgotten",
+                spec.preference_id
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if preference.status != PreferenceStatus::Active {
+        return Ok(JobResult::Skipped(format!(
+            "preference {} is {}",
+            preference.id, preference.status
+        )));
+    }
+    if editor.model_sha256() != spec.model_sha256 {
+        return Err(LearnError::BadJob {
+            id: job.id,
+            reason: format!(
+                "it is for model {}, and the editor holds {}",
+                short(&spec.model_sha256),
+                short(editor.model_sha256())
+            ),
+        });
+    }
+    let request = preference.edit_request();
+    // The preference's own earlier edit is being replaced, so it is not
+    // one of the edits this one must leave intact.
+    let others: Vec<_> = profile
+        .active_edits(&spec.model_sha256)?
+        .into_iter()
+        .filter(|e| {
+            profile
+                .edits_for_preference(preference.id)
+                .map(|mine| !mine.iter().any(|m| m.edit.id == e.id))
+                .unwrap_or(true)
+        })
+        .collect();
+    let outcome = editor.compute(engine, &request, &others, progress)?;
+    profile.save_edit(preference.id, &outcome.edit, Some(job.id))?;
+    Ok(JobResult::Edited(Box::new(outcome)))
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
