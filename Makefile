@@ -11,7 +11,8 @@ BIN := $(CARGO_TARGET_DIR)/release/imprint
 run: setup build model
 	$(BIN) chat
 
-test: setup
+test:
+	bash scripts/setup.sh --test
 	bash scripts/test.sh
 
 setup:

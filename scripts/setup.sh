@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building imprint needs and is missing: cmake, a C/C++
 # compiler, libclang (bindgen reads llama.cpp's headers with it), pkg-config,
-# and Python's pip (the default model is fetched with it). Works as root or,
-# with sudo, as a user.
+# OpenSSL's libcrypto headers (SQLCipher encrypts the profile with it on
+# Linux; macOS uses CommonCrypto), and Python's pip (the default model is
+# fetched with it). `--test` adds what the test suite needs: a D-Bus session
+# bus and gnome-keyring (a real Secret Service for the keyring tests).
+# Works as root or, with sudo, as a user.
 # It never touches the Rust toolchain beyond checking that cargo exists.
 set -euo pipefail
 
@@ -16,11 +19,16 @@ MSG
   exit 1
 fi
 
+packages=(cmake clang libclang-dev pkg-config libssl-dev python3-pip)
+if [ "${1:-}" = "--test" ]; then
+  packages+=(dbus gnome-keyring)
+fi
+
 missing=()
 case "$(uname -s)" in
   Linux)
     if need_cmd dpkg-query; then
-      for pkg in cmake clang libclang-dev pkg-config python3-pip; do
+      for pkg in "${packages[@]}"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
       done
       # A pip from pyenv or a venv serves as well as Debian's python3-pip.

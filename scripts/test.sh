@@ -14,8 +14,30 @@ IMPRINT_TEST_MODEL="$("$bin" model path)"
 export IMPRINT_TEST_MODEL
 echo "testing against $IMPRINT_TEST_MODEL"
 
+# The profile tests need a real Secret Service keyring. On Linux the suite
+# runs inside a private D-Bus session with its own gnome-keyring, unlocked
+# with a throwaway password and keeping its files in a temporary folder, so
+# the user's real keyring is never touched. (macOS uses the login Keychain.)
+if [ "$(uname -s)" = Linux ] && [ -z "${IMPRINT_IN_TEST_SESSION:-}" ]; then
+  if command -v dbus-run-session >/dev/null && command -v gnome-keyring-daemon >/dev/null; then
+    export IMPRINT_IN_TEST_SESSION=1
+    exec dbus-run-session -- bash "$0" "$@"
+  fi
+  echo "warning: dbus-run-session or gnome-keyring-daemon is missing (make test installs them); keyring tests will fail" >&2
+fi
+if [ -n "${IMPRINT_IN_TEST_SESSION:-}" ]; then
+  keyring_home="$(mktemp -d)"
+  export XDG_DATA_HOME="$keyring_home"
+  printf 'imprint-test' | gnome-keyring-daemon --unlock --components=secrets >/dev/null
+  for _ in $(seq 50); do
+    dbus-send --session --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.NameHasOwner \
+      string:org.freedesktop.secrets 2>/dev/null | grep -q true && break
+    sleep 0.1
+  done
+fi
+
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; [ -n "${keyring_home:-}" ] && rm -rf "$keyring_home"' EXIT
 set +e
 cargo test --all-targets 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -156,7 +156,10 @@ fn new_edit(app: &App, args: NewEdit) -> Result<ExitCode> {
     let attribute = args.attribute.clone().context(
         "give --attribute, --target and at least one --question (see `imprint edit --help`)",
     )?;
-    let target = args.target.clone().context("give --target: the answer to teach")?;
+    let target = args
+        .target
+        .clone()
+        .context("give --target: the answer to teach")?;
     let request = EditRequest {
         attribute,
         target,
@@ -192,7 +195,14 @@ fn new_edit(app: &App, args: NewEdit) -> Result<ExitCode> {
             .collect(),
     };
     let preference_id = profile.add_preference(&preference)?;
-    let outcome = super::prefs::learn(app, &mut profile, &mut engine, &mut editor, preference_id, &sha)?;
+    let outcome = super::prefs::learn(
+        app,
+        &mut profile,
+        &mut engine,
+        &mut editor,
+        preference_id,
+        &sha,
+    )?;
     let Some(outcome) = outcome else {
         anyhow::bail!("the edit job for preference {preference_id} was skipped");
     };

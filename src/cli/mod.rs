@@ -194,14 +194,21 @@ pub fn load_editor(
 /// stderr: nothing about the key is ever decided silently.
 pub fn open_profile(ctx: &App) -> Result<imprint::profile::Profile> {
     use imprint::profile::{EnvOrPrompt, Profile};
-    let (mut profile, notice) = Profile::open_or_create(&ctx.paths, &EnvOrPrompt)
-        .with_context(|| format!("cannot open the profile in {}", ctx.paths.data_dir.display()))?;
+    let (mut profile, notice) =
+        Profile::open_or_create(&ctx.paths, &EnvOrPrompt).with_context(|| {
+            format!(
+                "cannot open the profile in {}",
+                ctx.paths.data_dir.display()
+            )
+        })?;
     if let Some(notice) = notice {
         eprintln!("imprint: {notice}");
     }
     let moved = profile.adopt_legacy_edits(&ctx.paths.data_dir)?;
     if moved > 0 {
-        eprintln!("imprint: moved {moved} edit(s) from the old edits folder into the encrypted profile");
+        eprintln!(
+            "imprint: moved {moved} edit(s) from the old edits folder into the encrypted profile"
+        );
     }
     Ok(profile)
 }

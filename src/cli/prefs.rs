@@ -274,7 +274,10 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
         PrefsCommand::Show { id } => {
             let profile = super::open_profile(app)?;
             let p = profile.preference(id)?;
-            println!("Preference {}: {} → {} ({}, {})", p.id, p.attribute, p.target, p.polarity, p.status);
+            println!(
+                "Preference {}: {} → {} ({}, {})",
+                p.id, p.attribute, p.target, p.polarity, p.status
+            );
             println!("  statement: {}", p.statement);
             println!("  confidence: {:.2}", p.confidence);
             if let Some(s) = p.supersedes {
@@ -426,7 +429,10 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
                     accepted += outcome.accepted as usize;
                 }
             }
-            println!("{accepted}/{} preference(s) now have an edit for this model.", todo.len());
+            println!(
+                "{accepted}/{} preference(s) now have an edit for this model.",
+                todo.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

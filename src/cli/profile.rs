@@ -171,10 +171,7 @@ pub fn run(app: &App, cmd: ProfileCommand) -> Result<ExitCode> {
         }
         ProfileCommand::Export { out, plain, force } => {
             if out.exists() && !force {
-                bail!(
-                    "{} exists; pass --force to replace it",
-                    out.display()
-                );
+                bail!("{} exists; pass --force to replace it", out.display());
             }
             let profile = super::open_profile(app)?;
             let archive = Archive::collect(&profile)?;
@@ -220,7 +217,10 @@ pub fn run(app: &App, cmd: ProfileCommand) -> Result<ExitCode> {
         ProfileCommand::Delete { yes } => {
             let files = ProfileFiles::new(&app.paths);
             if !files.db.exists() && !files.key_file.exists() {
-                println!("There is no profile to delete in {}.", app.paths.data_dir.display());
+                println!(
+                    "There is no profile to delete in {}.",
+                    app.paths.data_dir.display()
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             if !yes
@@ -237,7 +237,9 @@ pub fn run(app: &App, cmd: ProfileCommand) -> Result<ExitCode> {
             if let (Some(p), Some(e), Some(c)) =
                 (receipt.preferences, receipt.edits, receipt.conversations)
             {
-                println!("  contents wiped first: {p} preference(s), {e} edit(s), {c} conversation(s)");
+                println!(
+                    "  contents wiped first: {p} preference(s), {e} edit(s), {c} conversation(s)"
+                );
             }
             if let Some(why) = &receipt.not_wiped {
                 println!("  contents could not be wiped before removal ({why}); the files were removed anyway");
@@ -360,7 +362,8 @@ fn status(app: &App, json: bool) -> Result<ExitCode> {
     }
     let profile = super::open_profile(app)?;
     let prefs = profile.preferences(None)?;
-    let count = |s: imprint::profile::PreferenceStatus| prefs.iter().filter(|p| p.status == s).count();
+    let count =
+        |s: imprint::profile::PreferenceStatus| prefs.iter().filter(|p| p.status == s).count();
     let edits = profile.edits()?;
     let jobs = profile.jobs(None)?;
     let size: u64 = files
@@ -391,7 +394,11 @@ fn status(app: &App, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Profile: {} ({:.1} KiB)", files.db.display(), size as f64 / 1024.0);
+    println!(
+        "Profile: {} ({:.1} KiB)",
+        files.db.display(),
+        size as f64 / 1024.0
+    );
     println!("Protection: {}", profile.protection().describe());
     println!("Schema version: {}", profile.schema_version()?);
     println!(
@@ -424,7 +431,13 @@ pub fn history(app: &App, cmd: HistoryCommand) -> Result<ExitCode> {
             }
             for c in conversations {
                 let n = profile.messages(c.id)?.len();
-                println!("{:>4}  {}  {:>3} message(s)  {}", c.id, when(c.updated), n, c.title);
+                println!(
+                    "{:>4}  {}  {:>3} message(s)  {}",
+                    c.id,
+                    when(c.updated),
+                    n,
+                    c.title
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -441,7 +454,11 @@ pub fn history(app: &App, cmd: HistoryCommand) -> Result<ExitCode> {
         }
         HistoryCommand::Delete { id, yes } => {
             let mut profile = super::open_profile(app)?;
-            if !yes && !confirm(&format!("Delete conversation {id} and the preferences learned only from it?"))? {
+            if !yes
+                && !confirm(&format!(
+                    "Delete conversation {id} and the preferences learned only from it?"
+                ))?
+            {
                 println!("Nothing was deleted.");
                 return Ok(ExitCode::from(1));
             }

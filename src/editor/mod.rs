@@ -13,8 +13,9 @@
 //!   cached per model and layer.
 //! - [`adapter`]: the GGUF LoRA writer and reader.
 //! - [`verify`]: the gate that runs each edit through llama.cpp.
-//! Edits are stored in the profile ([`crate::profile`]).
 //! - [`Editor`]: the whole pipeline.
+//!
+//! Edits are stored in the profile ([`crate::profile`]).
 
 pub mod adapter;
 pub mod baseline;

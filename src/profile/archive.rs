@@ -35,9 +35,13 @@ const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 
 #[derive(Debug, Error)]
 pub enum ArchiveError {
-    #[error("this is not an imprint export (it is neither an age-encrypted file nor a zip archive)")]
+    #[error(
+        "this is not an imprint export (it is neither an age-encrypted file nor a zip archive)"
+    )]
     NotAnExport,
-    #[error("the export is encrypted: give its passphrase (IMPRINT_EXPORT_PASSPHRASE or the prompt)")]
+    #[error(
+        "the export is encrypted: give its passphrase (IMPRINT_EXPORT_PASSPHRASE or the prompt)"
+    )]
     NeedsPassphrase,
     #[error("cannot decrypt the export: {0}")]
     Decrypt(String),
@@ -258,8 +262,8 @@ impl Archive {
         if version != VERSION {
             return Err(ArchiveError::UnknownVersion { found: version });
         }
-        let manifest: Manifest = serde_json::from_value(head)
-            .map_err(|e| corrupt(format!("manifest.json: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_value(head).map_err(|e| corrupt(format!("manifest.json: {e}")))?;
         let mut contents = HashMap::new();
         for (name, sha) in &manifest.entries {
             let bytes = read(name)?;
@@ -303,11 +307,17 @@ impl Archive {
         let mut messages = HashSet::new();
         for c in &self.view.conversations {
             if !conversations.insert(c.conversation.id) {
-                return Err(corrupt(format!("conversation {} appears twice", c.conversation.id)));
+                return Err(corrupt(format!(
+                    "conversation {} appears twice",
+                    c.conversation.id
+                )));
             }
             for m in &c.messages {
                 if m.conversation_id != c.conversation.id || !messages.insert(m.id) {
-                    return Err(corrupt(format!("message {} is misplaced or repeated", m.id)));
+                    return Err(corrupt(format!(
+                        "message {} is misplaced or repeated",
+                        m.id
+                    )));
                 }
                 if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
                     return Err(corrupt(format!("message {} has role {:?}", m.id, m.role)));
@@ -320,7 +330,10 @@ impl Archive {
         }
         for p in &self.view.preferences {
             if !(0.0..=1.0).contains(&p.confidence) {
-                return Err(corrupt(format!("preference {} has confidence {}", p.id, p.confidence)));
+                return Err(corrupt(format!(
+                    "preference {} has confidence {}",
+                    p.id, p.confidence
+                )));
             }
             if let Some(s) = p.supersedes {
                 if !prefs.contains(&s) {
@@ -423,7 +436,11 @@ pub struct ImportReport {
 
 impl Profile {
     /// Writes a checked archive into the profile in one transaction.
-    pub fn import(&mut self, archive: &Archive, mode: ImportMode) -> Result<ImportReport, ProfileError> {
+    pub fn import(
+        &mut self,
+        archive: &Archive,
+        mode: ImportMode,
+    ) -> Result<ImportReport, ProfileError> {
         let mut report = ImportReport {
             edit_models: archive.edit_models(),
             ..Default::default()
@@ -439,7 +456,15 @@ impl Profile {
             tx.execute(
                 "INSERT INTO models (sha256, path, architecture, n_layer, n_embd, n_ff, first_seen)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(sha256) DO NOTHING",
-                params![m.sha256, m.path, m.architecture, m.n_layer as i64, m.n_embd as i64, m.n_ff as i64, now()],
+                params![
+                    m.sha256,
+                    m.path,
+                    m.architecture,
+                    m.n_layer as i64,
+                    m.n_embd as i64,
+                    m.n_ff as i64,
+                    now()
+                ],
             )?;
         }
         if mode == ImportMode::Replace {
@@ -525,8 +550,11 @@ impl Profile {
             }
         }
         for (pid, edit) in &edits {
-            let exists: i64 =
-                tx.query_row("SELECT count(*) FROM edits WHERE id = ?1", [&edit.id], |r| r.get(0))?;
+            let exists: i64 = tx.query_row(
+                "SELECT count(*) FROM edits WHERE id = ?1",
+                [&edit.id],
+                |r| r.get(0),
+            )?;
             if exists > 0 {
                 continue;
             }

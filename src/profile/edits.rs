@@ -48,10 +48,7 @@ pub fn factors_from_bytes(
     shapes: &[TensorShape],
     bytes: &[u8],
 ) -> Result<Vec<LoraFactors>, String> {
-    let expected: usize = shapes
-        .iter()
-        .map(|s| 4 * s.rank * (s.n_in + s.n_out))
-        .sum();
+    let expected: usize = shapes.iter().map(|s| 4 * s.rank * (s.n_in + s.n_out)).sum();
     if bytes.len() != expected {
         return Err(format!(
             "the factors hold {} bytes where the shapes need {expected}",
@@ -242,14 +239,17 @@ impl Profile {
 
     /// Every edit, oldest first (the order they are stacked in).
     pub fn edits(&self) -> Result<Vec<StoredEdit>, ProfileError> {
-        let mut stmt = self
-            .conn()
-            .prepare(&format!("SELECT {EDIT_COLUMNS} FROM edits ORDER BY created, id"))?;
+        let mut stmt = self.conn().prepare(&format!(
+            "SELECT {EDIT_COLUMNS} FROM edits ORDER BY created, id"
+        ))?;
         let rows = stmt.query_map([], edit_row)?.collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
-    pub fn edits_for_preference(&self, preference_id: i64) -> Result<Vec<StoredEdit>, ProfileError> {
+    pub fn edits_for_preference(
+        &self,
+        preference_id: i64,
+    ) -> Result<Vec<StoredEdit>, ProfileError> {
         let mut stmt = self.conn().prepare(&format!(
             "SELECT {EDIT_COLUMNS} FROM edits WHERE preference_id = ?1 ORDER BY created, id"
         ))?;

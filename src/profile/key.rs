@@ -181,7 +181,10 @@ impl KeyFile {
 
     /// Fetches or derives the key this file describes (None: unencrypted)
     /// and checks it.
-    pub fn unlock(&self, passphrase: &dyn PassphraseSource) -> Result<Option<RawKey>, ProfileError> {
+    pub fn unlock(
+        &self,
+        passphrase: &dyn PassphraseSource,
+    ) -> Result<Option<RawKey>, ProfileError> {
         let key = match &self.protection {
             Protection::None => return Ok(None),
             Protection::Keyring { user } => keyring_get(user)?,
@@ -297,7 +300,8 @@ fn entry(user: &str) -> Result<keyring::Entry, ProfileError> {
 /// Whether a keyring answers at all: looking up an entry that does not
 /// exist must say "no entry" rather than fail.
 pub fn keyring_reachable() -> Result<(), String> {
-    let e = keyring::Entry::new(KEYRING_SERVICE, "reachability-probe").map_err(|e| e.to_string())?;
+    let e =
+        keyring::Entry::new(KEYRING_SERVICE, "reachability-probe").map_err(|e| e.to_string())?;
     match e.get_password() {
         Ok(_) | Err(keyring::Error::NoEntry) => Ok(()),
         Err(e) => Err(e.to_string()),

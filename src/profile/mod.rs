@@ -83,9 +83,7 @@ impl From<rusqlite::Error> for ProfileError {
         let text = e.to_string();
         match e.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => ProfileError::DiskFull(text),
-            Some(ErrorCode::ReadOnly) | Some(ErrorCode::CannotOpen) => {
-                ProfileError::ReadOnly(text)
-            }
+            Some(ErrorCode::ReadOnly) | Some(ErrorCode::CannotOpen) => ProfileError::ReadOnly(text),
             Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
                 ProfileError::Corrupt {
                     path: PathBuf::from("profile.db"),
@@ -252,6 +250,9 @@ impl Profile {
             other => other,
         };
         let mut conn = Connection::open_with_flags(&files.db, flags).map_err(corrupt)?;
+        // SQLCipher logs decryption failures to stderr itself; imprint
+        // reports them as one clear error instead.
+        let _ = conn.execute_batch("PRAGMA cipher_log_level = NONE;");
         if let Some(key) = key {
             let pragma = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(&key[..])));
             conn.execute_batch(&pragma).map_err(corrupt)?;
@@ -262,6 +263,17 @@ impl Profile {
             r.get::<_, i64>(0)
         })
         .map_err(corrupt)?;
+        // Refuse a newer schema before anything (even the journal mode)
+        // is written to the file.
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(corrupt)?;
+        if found > schema::current_version() {
+            return Err(ProfileError::NewerSchema {
+                found,
+                supported: schema::current_version(),
+            });
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(corrupt)?;
         conn.pragma_update(None, "foreign_keys", true)

@@ -378,7 +378,11 @@ impl Profile {
 
     /// Adds another source to an existing preference (the same thing said
     /// again).
-    pub fn add_source(&mut self, preference_id: i64, source: &SourceRef) -> Result<(), ProfileError> {
+    pub fn add_source(
+        &mut self,
+        preference_id: i64,
+        source: &SourceRef,
+    ) -> Result<(), ProfileError> {
         self.preference(preference_id)?;
         insert_source(self.conn(), preference_id, source, now())
     }
@@ -579,9 +583,9 @@ impl Profile {
     }
 
     pub fn conversations(&self) -> Result<Vec<Conversation>, ProfileError> {
-        let mut stmt = self
-            .conn()
-            .prepare("SELECT id, title, created, updated FROM conversations ORDER BY updated DESC, id DESC")?;
+        let mut stmt = self.conn().prepare(
+            "SELECT id, title, created, updated FROM conversations ORDER BY updated DESC, id DESC",
+        )?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(Conversation {
@@ -625,7 +629,9 @@ impl Profile {
     ) -> Result<(ConversationRemoval, Vec<String>), ProfileError> {
         let tx = self.conn_mut().transaction()?;
         let exists: Option<i64> = tx
-            .query_row("SELECT id FROM conversations WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT id FROM conversations WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()?;
         if exists.is_none() {
             return Err(ProfileError::UnknownConversation(id));
@@ -679,7 +685,11 @@ impl Profile {
 
     // ---- jobs ----
 
-    pub fn enqueue_job(&self, kind: &str, payload: &serde_json::Value) -> Result<i64, ProfileError> {
+    pub fn enqueue_job(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+    ) -> Result<i64, ProfileError> {
         let at = now();
         self.conn().execute(
             "INSERT INTO jobs (kind, payload, state, created, updated) VALUES (?1, ?2, 'queued', ?3, ?3)",
@@ -693,7 +703,9 @@ impl Profile {
         let tx = self.conn_mut().transaction()?;
         let job = tx
             .query_row(
-                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"),
+                &format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1"
+                ),
                 [],
                 job_row,
             )
@@ -722,7 +734,11 @@ impl Profile {
         }
         Ok(self
             .conn()
-            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"), [id], job_row)
+            .query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+                [id],
+                job_row,
+            )
             .optional()?)
     }
 
