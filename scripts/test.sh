@@ -5,15 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/imprint/target}"
-bin="$CARGO_TARGET_DIR/debug/imprint"
-
-cargo build --bin imprint
-"$bin" model pull
-IMPRINT_TEST_MODEL="$("$bin" model path)"
-export IMPRINT_TEST_MODEL
-echo "testing against $IMPRINT_TEST_MODEL"
-
 # The profile tests need a real Secret Service keyring. On Linux the suite
 # runs inside a private D-Bus session with its own gnome-keyring, unlocked
 # with a throwaway password and keeping its files in a temporary folder, so
@@ -27,14 +18,24 @@ if [ "$(uname -s)" = Linux ] && [ -z "${IMPRINT_IN_TEST_SESSION:-}" ]; then
 fi
 if [ -n "${IMPRINT_IN_TEST_SESSION:-}" ]; then
   keyring_home="$(mktemp -d)"
-  export XDG_DATA_HOME="$keyring_home"
-  printf 'imprint-test' | gnome-keyring-daemon --unlock --components=secrets >/dev/null
+  # Only the keyring daemon sees the temporary XDG_DATA_HOME: imprint itself
+  # must keep finding the real model in the usual data folder.
+  printf 'imprint-test' | XDG_DATA_HOME="$keyring_home" gnome-keyring-daemon --unlock --components=secrets >/dev/null
   for _ in $(seq 50); do
     dbus-send --session --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.NameHasOwner \
       string:org.freedesktop.secrets 2>/dev/null | grep -q true && break
     sleep 0.1
   done
 fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/imprint/target}"
+bin="$CARGO_TARGET_DIR/debug/imprint"
+
+cargo build --bin imprint
+"$bin" model pull
+IMPRINT_TEST_MODEL="$("$bin" model path)"
+export IMPRINT_TEST_MODEL
+echo "testing against $IMPRINT_TEST_MODEL"
 
 log="$(mktemp)"
 trap 'rm -f "$log"; [ -n "${keyring_home:-}" ] && rm -rf "$keyring_home"' EXIT

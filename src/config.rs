@@ -22,7 +22,16 @@ pub struct Config {
     pub model: ModelConfig,
     pub engine: EngineConfig,
     pub generation: GenerationConfig,
+    pub learning: LearningConfig,
     pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearningConfig {
+    pub capture: bool,
+    pub auto_apply_threshold: f64,
+    pub cluster_size: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

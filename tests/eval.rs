@@ -261,3 +261,44 @@ fn the_calibration_set_shares_nothing_with_upqa() {
         );
     }
 }
+
+/// `imprint eval extract` reads all 1000 UPQA sentences and the PrefEval
+/// statements in place, and every planted secret in the negative set is
+/// caught by the privacy filter before extraction.
+#[test]
+fn eval_extract_reports_and_never_extracts_secrets() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("report");
+    let prefeval = upqa_dir().join("../prefeval/explicit_preference");
+    let status = imprint()
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "extract", "--data"])
+        .arg(upqa_dir().join("UPQA_1000.json"))
+        .arg("--prefeval")
+        .arg(&prefeval)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["upqa_sentences"], 1000);
+    assert!(report["prefeval_statements"].as_u64().unwrap() > 0);
+    assert!(report["negatives"].as_u64().unwrap() >= 200);
+    let secrets = &report["false_positives_by_category"]["secrets"];
+    assert_eq!(secrets[0], 0, "a secret became a candidate: {secrets}");
+    assert!(
+        report["secrets_skipped"]["counts"]
+            .as_object()
+            .unwrap()
+            .len()
+            >= 5
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| target |"));
+}

@@ -920,3 +920,50 @@ fn current_uid() -> u32 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(u32::MAX)
 }
+
+/// The line-mode chat keeps the conversation in the profile, and keeps
+/// nothing with --incognito.
+#[test]
+fn chat_stores_conversations_unless_incognito() {
+    use std::io::Write;
+    let model = common::model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut child = imprint(dir.path())
+            .args(["chat", "--greedy", "--no-profile", "--model"])
+            .arg(&model)
+            .args(extra)
+            .env("IMPRINT_GENERATION_MAX_TOKENS", "8")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"I live in Porto.\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["--incognito"]);
+    let paths = Paths::under(dir.path());
+    assert!(!Profile::exists(&paths), "incognito created a profile");
+    run(&[]);
+    let profile = Profile::open(&paths, &Fixed("cli passphrase")).unwrap();
+    let conversations = profile.conversations().unwrap();
+    assert_eq!(conversations.len(), 1);
+    let messages = profile.messages(conversations[0].id).unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(
+        (messages[0].role.as_str(), messages[0].content.as_str()),
+        ("user", "I live in Porto.")
+    );
+    assert_eq!(messages[1].role, "assistant");
+}

@@ -26,11 +26,87 @@ pub struct ChatArgs {
     /// Deterministic replies.
     #[arg(long)]
     greedy: bool,
+    /// Store nothing: the conversation is not kept in the profile.
+    #[arg(long)]
+    incognito: bool,
+}
+
+/// The conversation as stored in the profile (created with the first
+/// message, so an empty chat leaves nothing behind).
+struct Stored {
+    profile: imprint::profile::Profile,
+    conversation: Option<i64>,
+}
+
+impl Stored {
+    fn add(&mut self, role: &str, content: &str) -> Result<i64> {
+        let id = match self.conversation {
+            Some(id) => id,
+            None => {
+                let title: String = content.chars().take(60).collect();
+                let id = self.profile.create_conversation(title.trim())?;
+                self.conversation = Some(id);
+                id
+            }
+        };
+        Ok(self.profile.add_message(id, role, content)?)
+    }
+}
+
+/// Learns from one user message and says what happened, on stderr.
+fn capture(app: &App, stored: &mut Stored, message_id: i64, text: &str, sha: &str) -> Result<()> {
+    let settings = imprint::learn::capture::CaptureSettings::from(&app.config.config.learning);
+    let report = imprint::learn::capture::capture_message(
+        &mut stored.profile,
+        message_id,
+        text,
+        &settings,
+        Some(sha),
+    )?;
+    for id in report.learned.iter().chain(&report.pending) {
+        let p = stored.profile.preference(*id)?;
+        eprintln!(
+            "(noted #{}: {} → {}{})",
+            p.id,
+            p.attribute,
+            p.target,
+            if p.status == imprint::profile::PreferenceStatus::Pending {
+                ", waiting for your review: imprint prefs approve/reject"
+            } else {
+                ""
+            }
+        );
+    }
+    for (old, new) in &report.superseded {
+        eprintln!("(preference #{new} replaces #{old})");
+    }
+    if !report.jobs.is_empty() {
+        eprintln!(
+            "({} edit job(s) queued: `imprint jobs run` writes them into the weights)",
+            report.jobs.len()
+        );
+    }
+    if report.secrets_skipped.total() > 0 {
+        eprintln!(
+            "(not learned, never stored as a preference: {})",
+            report.secrets_skipped.describe()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
     let gen = &app.config.config.generation;
     let mut engine = super::load_engine(app, args.model.as_deref(), !args.no_profile)?;
+    let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
+    let mut stored = if args.incognito {
+        None
+    } else {
+        Some(Stored {
+            profile: super::open_profile(app)?,
+            conversation: None,
+        })
+    };
     let system = ChatMessage::system(args.system.unwrap_or_else(|| gen.system_prompt.clone()));
     let mut messages = vec![system.clone()];
     let params = GenerationParams {
@@ -44,8 +120,13 @@ pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
         eprintln!(
-            "imprint chat on {} — /reset starts over, /exit or Ctrl-D quits.",
-            engine.options().model_path.display()
+            "imprint chat on {} — /reset starts over, /exit or Ctrl-D quits.{}",
+            engine.options().model_path.display(),
+            if stored.is_none() {
+                " Incognito: nothing is stored."
+            } else {
+                ""
+            }
         );
     }
     let stdin = std::io::stdin();
@@ -66,12 +147,21 @@ pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
             "/reset" => {
                 messages.truncate(1);
                 engine.reset();
+                if let Some(s) = &mut stored {
+                    s.conversation = None;
+                }
                 eprintln!("(conversation cleared)");
                 continue;
             }
             _ => {}
         }
         messages.push(ChatMessage::user(input));
+        if let Some(s) = &mut stored {
+            let id = s.add("user", input)?;
+            if app.config.config.learning.capture {
+                capture(app, s, id, input, &sha)?;
+            }
+        }
         let generation = engine.chat(&messages, &params, &mut |text| {
             let _ = stdout.write_all(text.as_bytes());
             let _ = stdout.flush();
@@ -84,6 +174,9 @@ pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
                 generation.dropped_messages
             );
             messages.drain(1..1 + generation.dropped_messages);
+        }
+        if let Some(s) = &mut stored {
+            s.add("assistant", &generation.text)?;
         }
         messages.push(ChatMessage::assistant(generation.text));
     }

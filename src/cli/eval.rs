@@ -19,6 +19,21 @@ pub enum EvalCommand {
     Locality(LocalityArgs),
     /// PrefEval: is a stated preference still honoured after 0, 2, … distractor turns?
     Prefeval(PrefevalArgs),
+    /// Preference extraction: precision/recall on UPQA sentences, PrefEval statements, and false positives on written negatives.
+    Extract(ExtractArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// UPQA_1000.json (labelled sentences), read in place.
+    #[arg(long)]
+    data: PathBuf,
+    /// PrefEval's explicit_preference folder (unlabelled statements).
+    #[arg(long)]
+    prefeval: Option<PathBuf>,
+    /// Where to write report.json and report.md.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +131,27 @@ pub fn run(app: &App, cmd: EvalCommand) -> Result<ExitCode> {
         EvalCommand::Upqa(args) => upqa(app, args),
         EvalCommand::Locality(args) => locality(app, args),
         EvalCommand::Prefeval(args) => prefeval(app, args),
+        EvalCommand::Extract(args) => {
+            let report = imprint::eval::extract::run(&args.data, args.prefeval.as_deref())?;
+            std::fs::create_dir_all(&args.out).with_context(|| {
+                format!("cannot create the output folder {}", args.out.display())
+            })?;
+            let mut md = report.markdown();
+            md += "\n### Wrong targets (first 25; report.json has up to 200, and up to 200 missed sentences)\n\n";
+            for e in report.wrong_examples.iter().take(25) {
+                md += &format!(
+                    "- {} — gold {} — got {}\n",
+                    e.sentence,
+                    e.gold,
+                    e.predicted.as_deref().unwrap_or("-")
+                );
+            }
+            md += "\n### False positives\n\n";
+            for e in &report.false_positive_examples {
+                md += &format!("- {e}\n");
+            }
+            write_report(&args.out, &report, &md)
+        }
     }
 }
 

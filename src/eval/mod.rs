@@ -5,9 +5,12 @@
 //! - [`upqa`]: `imprint eval upqa`, edits (or baselines) then questions.
 //! - [`prefeval`]: `imprint eval prefeval`, acknowledgment after N distractor
 //!   turns.
+//! - [`extract`]: `imprint eval extract`, the preference extractors against
+//!   UPQA sentences, PrefEval statements and written negatives.
 //! - [`locality`]: unrelated answers, general knowledge and perplexity,
 //!   before and after edits.
 
+pub mod extract;
 pub mod locality;
 pub mod prefeval;
 pub mod scoring;

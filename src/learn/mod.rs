@@ -1,4 +1,12 @@
-//! Learning: from a stored preference to an edit in the weights.
+//! Learning: from what the user says to an edit in the weights.
+//!
+//! - [`capture`]: a user message → new, reinforced, superseded or pending
+//!   preferences, and edit jobs.
+//! - [`cluster`]: each preference's synonym questions.
+//! - [`extract`]: rule-based extraction of first-person preferences.
+//! - [`privacy`]: the filter that keeps secrets out of the profile and the
+//!   weights.
+//! - this file: the learning step, from a stored preference to an edit.
 //!
 //! Every learning step goes through the profile's job queue, so it can be
 //! resumed after a crash: the preference is stored and an edit job queued
@@ -7,6 +15,11 @@
 //! The assembled adapter is a cache rebuilt from the stored edits. A
 //! process killed anywhere leaves the job queued or done, never a
 //! half-written edit.
+
+pub mod capture;
+pub mod cluster;
+pub mod extract;
+pub mod privacy;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -1,0 +1,606 @@
+//! Rule-based preference extraction: high-precision patterns for common
+//! first-person statements.
+//!
+//! Only the user's own first-person statements count. A sentence is passed
+//! over when it is a question, a hypothetical ("if I were vegan…", "I wish
+//! I lived…"), quoted text, or about another person ("my brother loves
+//! golf"). Negated likes become dislikes, never likes. Every candidate
+//! carries its evidence: the exact sentence of the message it came from.
+//!
+//! The LLM extractor (grammar-constrained JSON) is the second extractor the
+//! capture issue asks for; it is not written yet.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde::Serialize;
+
+use crate::profile::Polarity;
+
+/// A preference found in a message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Candidate {
+    pub attribute: String,
+    pub target: String,
+    pub polarity: Polarity,
+    pub confidence: f64,
+    /// The exact span of the message it was read from.
+    pub evidence: String,
+    /// Which rule produced it (for debugging and the eval report).
+    pub rule: &'static str,
+}
+
+fn re(p: &str) -> Regex {
+    Regex::new(p).unwrap_or_else(|e| panic!("bad extraction pattern {p}: {e}"))
+}
+
+/// (rule name, pattern, attribute, polarity, confidence). `attribute`
+/// "$1" means the first group names the attribute and the second is the
+/// target; otherwise the first group is the target.
+struct Rule {
+    name: &'static str,
+    pattern: Regex,
+    attribute: &'static str,
+    polarity: Polarity,
+    confidence: f64,
+}
+
+static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
+    use Polarity::*;
+    let r = |name, p: &str, attribute, polarity, confidence| Rule {
+        name,
+        pattern: re(&format!("(?i)^{p}$")),
+        attribute,
+        polarity,
+        confidence,
+    };
+    vec![
+        r(
+            "favorite",
+            r"my (?:very )?(?:all[- ]time )?(?:favou?rite|fav|preferred) (.+?) (?:is|are|has to be|would be|was always) (.+)",
+            "$1",
+            Like,
+            0.95,
+        ),
+        r(
+            "favorite-inverted",
+            r"(.+?) (?:is|are) (?:definitely |probably )?my (?:all[- ]time )?(?:favou?rite|fav|preferred) (.+)",
+            "$2<-$1",
+            Like,
+            0.9,
+        ),
+        r(
+            "allergy",
+            r"i(?:'m| am) (?:severely |very |deathly |highly )?allergic to (.+)",
+            "allergy",
+            Is,
+            0.95,
+        ),
+        r(
+            "intolerance",
+            r"i(?:'m| am) (.+?) intolerant",
+            "food intolerance",
+            Is,
+            0.9,
+        ),
+        r(
+            "diet",
+            r"i(?:'m| am) (?:a |an )?(?:strict )?(vegan|vegetarian|pescatarian|keto|paleo|gluten[- ]free|lactose[- ]free|halal|kosher|teetotal(?:er)?|celiac|coeliac)\b.*",
+            "diet",
+            Is,
+            0.9,
+        ),
+        r(
+            "location-live",
+            r"i (?:currently |now )?(?:live|reside|am living|'m living|am based|'m based) (?:in|at|near|on|under|by|with) (.+)",
+            "location",
+            Is,
+            0.9,
+        ),
+        r(
+            "location-move",
+            r"i(?:'ve| have)? (?:just |recently )?(?:moved|relocated) to (.+)",
+            "location",
+            Is,
+            0.9,
+        ),
+        r(
+            "location-from",
+            r"i(?:'m| am) (?:originally )?from (.+)",
+            "hometown",
+            Is,
+            0.85,
+        ),
+        r(
+            "location-grew",
+            r"i grew up (?:in|on|near) (.+)",
+            "hometown",
+            Is,
+            0.85,
+        ),
+        r(
+            "job-work-as",
+            r"i (?:currently |have been |'ve been )?work(?:ing)? as (?:a |an )?(.+?)(?: for (?:the past |over )?\w+ (?:years?|months?))?",
+            "profession",
+            Is,
+            0.9,
+        ),
+        r(
+            "job-work-in",
+            r"i (?:currently )?work (?:in|at|for) (.+)",
+            "job",
+            Is,
+            0.85,
+        ),
+        r(
+            "job-got",
+            r"i (?:just )?(?:got|started|have|landed) a (?:new )?job (?:working |as an? |at |in )(?:in |at |as an? )?(.+)",
+            "job",
+            Is,
+            0.85,
+        ),
+        r(
+            "job-run",
+            r"i (?:own|run|manage) (?:a |an |my own )(.+)",
+            "profession",
+            Is,
+            0.8,
+        ),
+        r(
+            "age",
+            r"i(?:'m| am) (\d{1,3})(?: years old| year old|yo)?\b.*",
+            "age",
+            Is,
+            0.9,
+        ),
+        r(
+            "relationship",
+            r"i(?:'m| am) (?:happily |recently )?((?:married|single|divorced|engaged|widowed|unmarried|in a relationship)\b.*)",
+            "relationship status",
+            Is,
+            0.9,
+        ),
+        r("name", r"my name is (.+)", "name", Is, 0.95),
+        r(
+            "study",
+            r"i(?:'m| am)? (?:currently )?(?:study|studying|majoring in|doing a (?:degree|phd|masters?) in) (.+)",
+            "education",
+            Is,
+            0.85,
+        ),
+        r(
+            "pet",
+            r"i (?:have|own|got|adopted) (?:a |an |two |three |four |\d+ )?(?:pet |little |big |old |young |rescue |new )?((?:\w+ )?(?:dog|dogs|cat|cats|puppy|kitten|turtle|turtles|parrot|hamster|rabbit|bunny|fish|goldfish|snake|lizard|horse|ferret|guinea pig|bird|birds|iguana|gecko|tortoise)\b.*)",
+            "pet",
+            Is,
+            0.85,
+        ),
+        r(
+            "vehicle",
+            r"i (?:drive|ride|own) (?:a |an )?(.+?\b(?:car|truck|pickup|van|suv|motorcycle|bike|scooter|tesla|ford|toyota|honda|bmw|audi|jeep|volvo|vw|volkswagen|prius|civic|mustang|harley)\b.*)",
+            "vehicle",
+            Is,
+            0.85,
+        ),
+        r(
+            "fear",
+            r"i(?:'m| am) (?:terrified|afraid|scared|frightened) of (.+)",
+            "fear",
+            Is,
+            0.85,
+        ),
+        r(
+            "dislike",
+            r"i (?:really |absolutely |totally |just |honestly )?(?:hate|dislike|detest|loathe|can't stand|cannot stand|can not stand|don't like|do not like|don't enjoy|do not enjoy|don't eat|do not eat|avoid|never eat|never drink)(?: to)? (.+)",
+            "dislikes",
+            Dislike,
+            0.85,
+        ),
+        r(
+            "dislike-fan",
+            r"i(?:'m| am) (?:really )?not (?:a (?:big )?fan of|into|keen on) (.+)",
+            "dislikes",
+            Dislike,
+            0.85,
+        ),
+        r(
+            "like",
+            r"i (?:really |absolutely |totally |just |truly |also )?(?:love|like|enjoy|adore|prefer|am into|'m into|am passionate about|'m passionate about|am obsessed with|'m obsessed with|am a (?:big |huge )?fan of|'m a (?:big |huge )?fan of|am crazy about|'m crazy about)(?: to)? (.+)",
+            "likes",
+            Like,
+            0.8,
+        ),
+        r(
+            "hobby-verb",
+            r"i (?:often |usually |always |regularly |love to |like to |enjoy )?(play|collect|knit|paint|bake|hike|surf|ski|swim|dance|sing|garden|fish|hunt|climb|camp|cycle|skate|sew|draw|write|read|cook) (.+)",
+            "hobby",
+            Is,
+            0.6,
+        ),
+        r(
+            "hobby-go",
+            r"i (?:often |usually |always |regularly )?go ((?:\w+ing)\b.*)",
+            "hobby",
+            Is,
+            0.7,
+        ),
+        r("am-a", r"i(?:'m| am) (?:a|an) (.+)", "identity", Is, 0.6),
+        r(
+            "have-family",
+            r"i have ((?:no|one|a|an|two|three|four|five|six|\d+) (?:kids?|child|children|sons?|daughters?|siblings?|brothers?|sisters?|grandchildren|grandkids|twins?).*)",
+            "family",
+            Is,
+            0.85,
+        ),
+        r(
+            "born",
+            r"i was (?:born|raised) (?:and raised )?(?:in|on|near) (.+)",
+            "hometown",
+            Is,
+            0.85,
+        ),
+        r(
+            "allergy-have",
+            r"i have (?:an? )?(?:severe |bad )?(?:allergy|allergies) to (.+)",
+            "allergy",
+            Is,
+            0.9,
+        ),
+        r(
+            "religion",
+            r"i(?:'m| am) (?:a |an )?(?:devout |practicing |practising )?(christian|buddhist|muslim|jewish|hindu|atheist|agnostic|catholic|protestant|mormon|sikh|pagan)\b.*",
+            "religion",
+            Is,
+            0.9,
+        ),
+        r(
+            "appearance",
+            r"i have ((?:\w+ ){0,3}(?:hair|eyes|tattoos?|freckles|beard|piercings?)\b.*)",
+            "physical appearance",
+            Is,
+            0.8,
+        ),
+        r(
+            "spend-time",
+            r"i spend (?:most of |a lot of |all of |much of )?my (?:free |spare )?(?:time|days|weekends|evenings) (.+)",
+            "hobby",
+            Is,
+            0.7,
+        ),
+        r(
+            "my-goal",
+            r"my (?:dream|goal|ambition|plan) is to (?:become |be )?(?:a |an )?(.+)",
+            "career goal",
+            Is,
+            0.8,
+        ),
+        r(
+            "my-job",
+            r"my (?:job|profession|occupation|work) is (.+)",
+            "job",
+            Is,
+            0.85,
+        ),
+        r(
+            "pet-name",
+            r"my (dog|cat|puppy|kitten|parrot|bird|turtle|hamster|rabbit|horse|fish|snake|lizard)'?s? name is (.+)",
+            "pet",
+            Is,
+            0.8,
+        ),
+        r(
+            "spare-time",
+            r"in my (?:spare|free) time,? i (.+)",
+            "hobby",
+            Is,
+            0.75,
+        ),
+        r(
+            "activity-verb",
+            r"i (?:often |usually |always |regularly |also |sometimes )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed) (.*)",
+            "activity",
+            Is,
+            0.6,
+        ),
+        r(
+            "am-trait",
+            r"i(?:'m| am) (?:very |really |quite |pretty |so |a bit |kind of )?((?:\w+)(?: \w+)?(?: and (?:\w+))?)",
+            "personality trait",
+            Is,
+            0.5,
+        ),
+    ]
+});
+
+static HYPOTHETICAL: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)\b(?:if i|if you|i wish|i'd|i would|would i|were i|imagine|suppose|supposing|let's say|let us say|pretend|hypothetically|in a (?:dream|parallel)|someday i might|i might|maybe i|i could see myself|i want to be|i hope to)\b",
+    )
+});
+static QUESTION_START: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^(?:what|who|where|when|why|how|which|do|does|did|can|could|would|should|is|are|am|will|shall|may|have you|has)\b",
+    )
+});
+/// Sentences that are about someone else, even when they start with "my".
+static OTHER_PERSON: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^(?:my|our) (?:(?:little|older|younger|big|best|eldest|youngest|step|ex|twin|late|dear|new|old) )?(?:brother|sister|mom|mum|mother|dad|father|parents?|wife|husband|partner|boyfriend|girlfriend|friends?|son|daughter|kids?|children|boss|colleague|coworker|co-worker|neighbou?r|roommate|flatmate|uncle|aunt|cousin|grand(?:ma|pa|mother|father|parents)|family|fianc[ée]e?|teacher|doctor)s?\b",
+    )
+});
+static LEADING_FILLER: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^(?:(?:well|also|actually|honestly|so|and|but|oh|yeah|yes|no|ok|okay|anyway|btw|by the way|fun fact|for the record|to be honest|personally|these days|lately|nowadays)\b[,:]?\s*)+",
+    )
+});
+/// "I'm sorry", "I'm back", "I'm going": states of the moment, not traits.
+static NOT_A_TRAIT: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^(?:sorry|glad|happy|here|back|not|just|going|on|reading|sure|able|unable|trying|looking|wondering|done|ready|fine|ok|okay|new|home|out|off|in|at|about|also|still|now|late|early|busy|tired|hungry|thirsty|bored|confused|curious|afraid|excited|thinking|working|testing|leaving|coming|waiting|listening|writing|asking|talking|an?|the|my|your|this|that|it|so|very|really)\b",
+    )
+});
+
+/// Clauses and words after the target that are not part of it.
+static TRAILING: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)(?:,|;| -| –| —)?\s+(?:but|because|since|though|although|when|whenever|which|who|so that|and i|and it|and they|as well|too|so much|very much|more than anything|these days|nowadays|lately|right now|now|last (?:year|month|week)|this year|every (?:day|week|weekend|sunday|morning|night)|on weekends|at the moment|for (?:a living|fun|years|a while))\b.*$",
+    )
+});
+
+fn clean_target(raw: &str) -> String {
+    let t = raw
+        .trim()
+        .trim_end_matches(['.', '!', ',', ';', ':', ')', '"', '\'']);
+    let t = TRAILING.replace(t, "");
+    let t = t.trim().trim_end_matches(['.', '!', ',', ';', ':']);
+    t.trim().to_string()
+}
+
+/// Splits a message into sentences, keeping each one's exact text.
+pub fn sentences(message: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let bytes = message.as_bytes();
+    for (i, c) in message.char_indices() {
+        let end_of_sentence = matches!(c, '!' | '?' | '\n')
+            || (c == '.'
+                && bytes
+                    .get(i + 1)
+                    .is_none_or(|n| n.is_ascii_whitespace() || *n == b'"'));
+        if end_of_sentence {
+            let s = message[start..i + c.len_utf8()].trim();
+            if !s.is_empty() {
+                out.push(s);
+            }
+            start = i + c.len_utf8();
+        }
+    }
+    let rest = message[start..].trim();
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
+/// Why a sentence was passed over (for the eval report and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Skip {
+    Question,
+    Hypothetical,
+    Quoted,
+    OtherPerson,
+    NoRule,
+}
+
+/// Extracts candidates from one sentence, or says why it has none.
+pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
+    let trimmed = sentence.trim();
+    if trimmed.ends_with('?') {
+        return Err(Skip::Question);
+    }
+    if trimmed.starts_with(['"', '“', '\'', '>', '«']) {
+        return Err(Skip::Quoted);
+    }
+    let body = LEADING_FILLER.replace(trimmed, "");
+    let body = body.trim().trim_end_matches(['.', '!']).trim();
+    if QUESTION_START.is_match(body) && !body.to_ascii_lowercase().starts_with("am ") {
+        return Err(Skip::Question);
+    }
+    if HYPOTHETICAL.is_match(body) {
+        return Err(Skip::Hypothetical);
+    }
+    if OTHER_PERSON.is_match(body) {
+        return Err(Skip::OtherPerson);
+    }
+    // "I'm" written with a typographic apostrophe.
+    let body = body.replace('’', "'");
+    for rule in RULES.iter() {
+        let Some(c) = rule.pattern.captures(&body) else {
+            continue;
+        };
+        let group = |i: usize| c.get(i).map(|m| m.as_str()).unwrap_or("");
+        let (attribute, target) = match rule.attribute {
+            "$1" => (group(1).to_string(), group(2).to_string()),
+            "$2<-$1" => (group(2).to_string(), group(1).to_string()),
+            fixed => (fixed.to_string(), group(1).to_string()),
+        };
+        let target = match rule.name {
+            // The verb is part of the hobby: "play chess", "collect stamps".
+            "pet-name" => format!("{} named {}", group(1), clean_target(group(2))),
+            "hobby-verb" | "activity-verb" => format!("{} {}", group(1), clean_target(group(2)))
+                .trim()
+                .to_string(),
+            _ => clean_target(&target),
+        };
+        let attribute = attribute.trim().to_ascii_lowercase();
+        if rule.name == "am-trait" && NOT_A_TRAIT.is_match(&target) {
+            continue;
+        }
+        if target.is_empty() || target.split_whitespace().count() > 12 || attribute.is_empty() {
+            continue;
+        }
+        // "I like to dance" is a hobby; "I like Radiohead" a liking.
+        let attribute = if rule.name == "like"
+            && (target
+                .split_whitespace()
+                .next()
+                .is_some_and(|w| w.ends_with("ing"))
+                || group(0).to_ascii_lowercase().contains(" to "))
+        {
+            "hobby".to_string()
+        } else {
+            attribute
+        };
+        return Ok(Candidate {
+            attribute,
+            target,
+            polarity: rule.polarity,
+            confidence: rule.confidence,
+            evidence: trimmed.to_string(),
+            rule: rule.name,
+        });
+    }
+    Err(Skip::NoRule)
+}
+
+/// Every candidate in a user message. Each candidate's evidence is a span
+/// of `message`; any that is not (it cannot happen with these rules, but
+/// the LLM extractor will share this check) is dropped.
+pub fn extract(message: &str) -> Vec<Candidate> {
+    sentences(message)
+        .into_iter()
+        .filter_map(|s| extract_sentence(s).ok())
+        .filter(|c| message.contains(&c.evidence))
+        .collect()
+}
+
+const STOP: &[&str] = &[
+    "a", "an", "the", "my", "to", "of", "in", "at", "on", "for", "and", "with", "i", "is", "are",
+    "am", "be", "it", "its", "as", "by", "from", "me", "very", "really", "that", "this",
+];
+
+fn stem(w: &str) -> String {
+    for suffix in ["ings", "ing", "ers", "er", "es", "ed", "s", "e"] {
+        if let Some(s) = w.strip_suffix(suffix) {
+            if s.len() >= 3 {
+                return s.to_string();
+            }
+        }
+    }
+    w.to_string()
+}
+
+/// The normalised bag of words preferences are compared by: lower case,
+/// split on non-alphanumerics, no stop words, a light suffix stemmer
+/// ("dancing", "dance" → "danc"). Used to dedupe captured preferences
+/// and by `imprint eval extract`'s matching rule.
+pub fn normalise(text: &str) -> Vec<String> {
+    text.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty() && !STOP.contains(w))
+        .map(stem)
+        .collect()
+}
+
+/// Token F1 between the normalised bags of two strings.
+pub fn match_f1(predicted: &str, gold: &str) -> f64 {
+    let (p, g) = (normalise(predicted), normalise(gold));
+    if p.is_empty() || g.is_empty() {
+        return 0.0;
+    }
+    let mut remaining = g.clone();
+    let mut common = 0usize;
+    for w in &p {
+        if let Some(i) = remaining.iter().position(|x| x == w) {
+            remaining.swap_remove(i);
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let precision = common as f64 / p.len() as f64;
+    let recall = common as f64 / g.len() as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(text: &str) -> Candidate {
+        extract_sentence(text).unwrap_or_else(|skip| panic!("{text:?} skipped: {skip:?}"))
+    }
+
+    #[test]
+    fn first_person_statements() {
+        let c = one("My favorite sport is ultimate frisbee.");
+        assert_eq!(
+            (c.attribute.as_str(), c.target.as_str()),
+            ("sport", "ultimate frisbee")
+        );
+        let c = one("Autumn is my favorite season.");
+        assert_eq!(
+            (c.attribute.as_str(), c.target.as_str()),
+            ("season", "Autumn")
+        );
+        let c = one("I'm allergic to peanuts.");
+        assert_eq!(
+            (c.attribute.as_str(), c.target.as_str()),
+            ("allergy", "peanuts")
+        );
+        let c = one("I live in Porto, but I work remotely.");
+        assert_eq!(c.target, "Porto");
+        let c = one("I like to dance at the club.");
+        assert_eq!(
+            (c.attribute.as_str(), c.target.as_str()),
+            ("hobby", "dance at the club")
+        );
+        let c = one("I can't stand cilantro.");
+        assert_eq!(
+            (c.polarity, c.target.as_str()),
+            (Polarity::Dislike, "cilantro")
+        );
+        let c = one("I don't like horror movies.");
+        assert_eq!(c.polarity, Polarity::Dislike, "a negated like is a dislike");
+        let c = one("I got a job working in advertising last year.");
+        assert_eq!(c.target, "advertising");
+        let c = one("Honestly, I work as a nurse.");
+        assert_eq!(
+            (c.attribute.as_str(), c.target.as_str()),
+            ("profession", "nurse")
+        );
+    }
+
+    #[test]
+    fn not_the_users_own_preferences() {
+        let cases = [
+            ("What is my favorite color?", Skip::Question),
+            ("Do you like jazz?", Skip::Question),
+            (
+                "If I were vegan, I would eat more beans.",
+                Skip::Hypothetical,
+            ),
+            ("I wish I lived in Paris.", Skip::Hypothetical),
+            ("My brother loves golf.", Skip::OtherPerson),
+            ("My wife is allergic to cats.", Skip::OtherPerson),
+            ("\"I love you\" is what he said.", Skip::Quoted),
+            ("The weather is nice today.", Skip::NoRule),
+        ];
+        for (text, why) in cases {
+            assert_eq!(extract_sentence(text), Err(why), "{text}");
+        }
+    }
+
+    #[test]
+    fn evidence_is_a_span_of_the_message() {
+        let msg = "Hi there! I live in Lisbon. My sister lives in Rome. Also, I love sushi.";
+        let found = extract(msg);
+        assert_eq!(found.len(), 2, "{found:?}");
+        for c in &found {
+            assert!(msg.contains(&c.evidence));
+        }
+        assert_eq!(found[1].target, "sushi");
+    }
+}

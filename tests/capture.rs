@@ -1,0 +1,104 @@
+//! Capture on real profile files: messages in, preferences out, with the
+//! privacy filter, dedupe, supersession and contradictions.
+
+use imprint::learn::capture::{capture_message, CaptureSettings};
+use imprint::paths::Paths;
+use imprint::profile::{
+    KeyChoice, PassphraseSource, PreferenceStatus, Profile, ProfileError, SourceRef,
+};
+use zeroize::Zeroizing;
+
+struct Fixed;
+impl PassphraseSource for Fixed {
+    fn passphrase(&self, _confirm: bool) -> Result<Zeroizing<String>, ProfileError> {
+        Ok(Zeroizing::new("capture test".into()))
+    }
+}
+
+fn settings() -> CaptureSettings {
+    CaptureSettings {
+        auto_apply_threshold: 0.85,
+        cluster_size: 3,
+    }
+}
+
+#[test]
+fn a_conversation_yields_exactly_the_planted_preferences() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut profile, _) =
+        Profile::create(&Paths::under(dir.path()), KeyChoice::Passphrase, &Fixed).unwrap();
+    let conv = profile.create_conversation("planted").unwrap();
+    let say = |profile: &mut Profile, text: &str| {
+        let id = profile.add_message(conv, "user", text).unwrap();
+        (
+            id,
+            capture_message(profile, id, text, &settings(), Some("m")).unwrap(),
+        )
+    };
+
+    let (m1, r) = say(
+        &mut profile,
+        "Hi! I live in Lisbon. My brother loves golf. If I were rich I'd buy a boat. \
+         What's the weather like? My password is hunter2. I love sushi.",
+    );
+    assert_eq!(r.learned.len(), 1, "{r:?}");
+    assert_eq!(r.pending.len(), 1, "{r:?}");
+    assert_eq!(r.jobs.len(), 1);
+    assert_eq!(r.secrets_skipped.total(), 1);
+    let prefs = profile.preferences(None).unwrap();
+    let targets: Vec<&str> = prefs.iter().map(|p| p.target.as_str()).collect();
+    assert_eq!(targets, vec!["Lisbon", "sushi"]);
+    assert!(prefs
+        .iter()
+        .all(|p| !p.target.contains("hunter2") && !p.statement.contains("hunter2")));
+    let lisbon = &prefs[0];
+    assert_eq!(lisbon.status, PreferenceStatus::Active);
+    assert_eq!(
+        lisbon.sources[0].reference,
+        SourceRef::Message { message_id: m1 }
+    );
+    assert_eq!(lisbon.cluster.len(), 3);
+    assert!(lisbon
+        .cluster
+        .iter()
+        .all(|m| m.question.contains(&m.attribute)));
+    assert_eq!(
+        prefs[1].status,
+        PreferenceStatus::Pending,
+        "0.8 confidence waits for review"
+    );
+    // The assistant's own words are never captured: only user messages
+    // reach capture_message, and the message is stored as the assistant's.
+    profile
+        .add_message(conv, "assistant", "I love Lisbon too!")
+        .unwrap();
+
+    // Said again: one preference, two sources.
+    let (_, r) = say(&mut profile, "I live in Lisbon.");
+    assert_eq!(r.reinforced, vec![lisbon.id]);
+    assert_eq!(profile.preference(lisbon.id).unwrap().sources.len(), 2);
+
+    // A changed value supersedes the old one.
+    let (_, r) = say(&mut profile, "I moved to Porto.");
+    assert_eq!(r.superseded.len(), 1, "{r:?}");
+    let (old, new) = r.superseded[0];
+    assert_eq!(old, lisbon.id);
+    assert_eq!(
+        profile.preference(old).unwrap().status,
+        PreferenceStatus::Superseded
+    );
+    let porto = profile.preference(new).unwrap();
+    assert_eq!(
+        (porto.target.as_str(), porto.supersedes),
+        ("Porto", Some(old))
+    );
+
+    // The opposite of a known preference goes to review, with the audit
+    // log naming both.
+    let (_, r) = say(&mut profile, "I can't stand sushi.");
+    assert_eq!(r.pending.len(), 1);
+    let log = profile.audit_log(100).unwrap();
+    assert!(log.iter().any(|e| e
+        .detail
+        .contains(&format!("contradicts preference {}", prefs[1].id))));
+}
