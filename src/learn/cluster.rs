@@ -1,10 +1,12 @@
 //! Synonym clusters: the questions each preference is trained on.
 //!
 //! A cluster has k members, each an attribute synonym with a natural
-//! question that contains it. Synonyms come from a lexicon shipped in
-//! `assets/learn/attribute_lexicon.tsv` for common attribute types, and from
-//! templates for the rest ("favorite sport" → "my favorite sport"). The
-//! first member always asks about the attribute as the user named it.
+//! question that contains it. For common attribute types they come from a
+//! lexicon shipped in `assets/learn/attribute_lexicon.tsv`, written as the
+//! questions people actually ask ("Where do I live?"), because an edit
+//! answers reliably only the questions it was trained on. Other attributes
+//! get template questions ("favorite sport" → "What is my favorite
+//! sport?", "Which sport do I like best?").
 //!
 //! Not yet done (capture issue): synonyms proposed by the model, and the
 //! embedding-similarity filter that keeps a cluster tight.
@@ -16,62 +18,60 @@ use crate::profile::{ClusterMember, Polarity};
 
 const LEXICON: &str = include_str!("../../assets/learn/attribute_lexicon.tsv");
 
-static SYNONYMS: LazyLock<HashMap<String, Vec<String>>> = LazyLock::new(|| {
+/// attribute → (synonym, question) pairs, in the lexicon's order.
+static LEXICON_MEMBERS: LazyLock<HashMap<String, Vec<ClusterMember>>> = LazyLock::new(|| {
     LEXICON
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
-            let (attribute, synonyms) = l.split_once('\t')?;
-            Some((
-                attribute.trim().to_lowercase(),
-                synonyms.split('|').map(|s| s.trim().to_string()).collect(),
-            ))
+            let (attribute, members) = l.split_once('\t')?;
+            let members = members
+                .split('|')
+                .filter_map(|m| {
+                    let (synonym, question) = m.split_once(':')?;
+                    Some(ClusterMember {
+                        attribute: synonym.trim().to_string(),
+                        question: question.trim().to_string(),
+                    })
+                })
+                .collect();
+            Some((attribute.trim().to_lowercase(), members))
         })
         .collect()
 });
 
-/// Question templates, cycled over the synonyms.
-const TEMPLATES: &[&str] = &[
-    "What is my {}?",
-    "What's my {}?",
-    "Do you remember my {}?",
-    "Tell me my {}.",
-    "Can you remind me of my {}?",
+/// Templates for attributes the lexicon does not know; `{}` is the
+/// attribute without "favorite".
+const TEMPLATES: &[(&str, &str)] = &[
+    ("favorite {}", "What is my favorite {}?"),
+    ("{}", "Which {} do I like best?"),
+    ("{} I love", "What is the {} I love most?"),
+    ("{}", "Do you know my favourite {}?"),
+    ("{}", "Tell me about my {}."),
 ];
 
-/// The synonyms for an attribute: the lexicon's, or the attribute itself
-/// with and without "favorite".
-pub fn synonyms(attribute: &str) -> Vec<String> {
-    let key = attribute.trim().to_lowercase();
-    let mut out = vec![key.clone()];
-    if let Some(list) = SYNONYMS.get(&key) {
-        out.extend(list.iter().cloned());
-    } else if let Some(stripped) = key.strip_prefix("favorite ") {
-        out.push(format!("favourite {stripped}"));
-        out.push(format!("preferred {stripped}"));
-    } else {
-        out.push(format!("favorite {key}"));
-        out.push(format!("preferred {key}"));
-    }
-    let mut seen = std::collections::HashSet::new();
-    out.retain(|s| seen.insert(s.clone()));
-    out
-}
-
-/// k cluster members for a preference. Dislikes are asked as such ("What
-/// is something I dislike?") through the lexicon's "dislikes" entry.
+/// k cluster members for a preference: the lexicon's, or templates.
+/// Dislikes are asked as such ("What do I dislike?").
 pub fn build(attribute: &str, polarity: Polarity, k: usize) -> Vec<ClusterMember> {
-    let attribute = match polarity {
-        Polarity::Dislike if !attribute.contains("dislike") => "dislikes",
-        _ => attribute,
+    let key = match polarity {
+        Polarity::Dislike => "dislikes".to_string(),
+        _ => attribute.trim().to_lowercase(),
     };
-    synonyms(attribute)
-        .into_iter()
-        .take(k.max(1))
-        .enumerate()
-        .map(|(i, synonym)| ClusterMember {
-            question: TEMPLATES[i % TEMPLATES.len()].replace("{}", &synonym),
-            attribute: synonym,
+    let k = k.max(1);
+    if let Some(members) = LEXICON_MEMBERS.get(&key) {
+        return members.iter().take(k).cloned().collect();
+    }
+    let base = key
+        .strip_prefix("favorite ")
+        .or_else(|| key.strip_prefix("favourite "))
+        .unwrap_or(&key)
+        .to_string();
+    TEMPLATES
+        .iter()
+        .take(k)
+        .map(|(synonym, question)| ClusterMember {
+            attribute: synonym.replace("{}", &base),
+            question: question.replace("{}", &base),
         })
         .collect()
 }
@@ -96,7 +96,17 @@ mod tests {
             }
             let questions: std::collections::HashSet<_> = c.iter().map(|m| &m.question).collect();
             assert_eq!(questions.len(), 3);
-            assert!(c[0].attribute == attribute.to_lowercase());
         }
+        // Every lexicon entry keeps the rule, and has at least three members.
+        for (attribute, members) in LEXICON_MEMBERS.iter() {
+            assert!(members.len() >= 3, "{attribute}");
+            for m in members {
+                assert!(m.question.contains(&m.attribute), "{attribute}: {m:?}");
+            }
+        }
+        assert_eq!(
+            build("city", Polarity::Dislike, 2)[0].question,
+            "What do I dislike?"
+        );
     }
 }
