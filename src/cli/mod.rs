@@ -7,6 +7,7 @@ mod chat;
 mod config_cmd;
 mod edit;
 mod eval;
+mod import;
 mod model;
 mod prefs;
 mod profile;
@@ -64,6 +65,8 @@ enum Command {
     /// Review, approve, reject, change and forget learned preferences.
     #[command(subcommand)]
     Prefs(prefs::PrefsCommand),
+    /// Learn from other assistants' chat histories (ChatGPT, Claude, JSONL, Markdown, text).
+    Import(import::ImportArgs),
     /// Stored conversations: list, show, delete.
     #[command(subcommand)]
     History(profile::HistoryCommand),
@@ -124,6 +127,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Profile(cmd) => profile::run(&ctx, cmd),
         Command::Prefs(cmd) => prefs::run(&ctx, cmd),
         Command::History(cmd) => profile::history(&ctx, cmd),
+        Command::Import(args) => import::run(&ctx, args),
         Command::Jobs(cmd) => prefs::jobs(&ctx, cmd),
     }
 }

@@ -80,6 +80,27 @@ pub fn capture_message(
     model_sha256: Option<&str>,
 ) -> Result<CaptureReport, LearnError> {
     let mut report = CaptureReport::default();
+    capture_text(
+        profile,
+        &SourceRef::Message { message_id },
+        text,
+        settings,
+        model_sha256,
+        &mut report,
+    )?;
+    Ok(report)
+}
+
+/// Captures the preferences in one user message from any source (a stored
+/// message, an imported chat), adding to `report`.
+pub fn capture_text(
+    profile: &mut Profile,
+    source: &SourceRef,
+    text: &str,
+    settings: &CaptureSettings,
+    model_sha256: Option<&str>,
+    report: &mut CaptureReport,
+) -> Result<(), LearnError> {
     for sentence in extract::sentences(text) {
         let secrets = privacy::scan(sentence);
         if !secrets.is_empty() {
@@ -92,7 +113,7 @@ pub fn capture_message(
         if !text.contains(&candidate.evidence) {
             continue;
         }
-        let source = SourceRef::Message { message_id };
+        let source = source.clone();
         let current: Vec<_> = profile
             .preferences(None)?
             .into_iter()
@@ -174,5 +195,5 @@ pub fn capture_message(
             _ => report.pending.push(id),
         }
     }
-    Ok(report)
+    Ok(())
 }

@@ -3,6 +3,8 @@
 //! - [`capture`]: a user message → new, reinforced, superseded or pending
 //!   preferences, and edit jobs.
 //! - [`cluster`]: each preference's synonym questions.
+//! - [`import`]: chat-history importers (ChatGPT, Claude, JSONL, Markdown,
+//!   plain text), streamed, into capture.
 //! - [`extract`]: rule-based extraction of first-person preferences.
 //! - [`privacy`]: the filter that keeps secrets out of the profile and the
 //!   weights.
@@ -19,6 +21,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod extract;
+pub mod import;
 pub mod privacy;
 
 use serde::{Deserialize, Serialize};

@@ -84,7 +84,7 @@ fn wipe(profile: &Profile) -> Result<(), ProfileError> {
     conn.execute_batch(
         "DELETE FROM edits; DELETE FROM cluster_members; DELETE FROM preference_sources;
          DELETE FROM preferences; DELETE FROM messages; DELETE FROM conversations;
-         DELETE FROM jobs; DELETE FROM audit_log; DELETE FROM models;",
+         DELETE FROM jobs; DELETE FROM audit_log; DELETE FROM models; DELETE FROM import_seen;",
     )?;
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     conn.execute_batch("VACUUM")?;

@@ -683,6 +683,28 @@ impl Profile {
         Ok((removal, models))
     }
 
+    // ---- imports ----
+
+    /// Records that an imported message with this content hash was
+    /// processed. Returns false when it had been already (nothing to do).
+    pub fn mark_imported(&self, content_sha256: &str, file: &str) -> Result<bool, ProfileError> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO import_seen (content_sha256, file, at) VALUES (?1, ?2, ?3)",
+            params![content_sha256, file, now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Whether an import already processed a message with this hash.
+    pub fn was_imported(&self, content_sha256: &str) -> Result<bool, ProfileError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT count(*) FROM import_seen WHERE content_sha256 = ?1",
+            [content_sha256],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
     // ---- jobs ----
 
     pub fn enqueue_job(

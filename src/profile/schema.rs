@@ -124,6 +124,15 @@ CREATE TABLE audit_log (
     detail  TEXT NOT NULL DEFAULT ''
 );
 "#,
+    // 2: what chat-history imports have already seen, so importing the
+    // same file (or an overlapping export) again adds nothing.
+    r#"
+CREATE TABLE import_seen (
+    content_sha256 TEXT PRIMARY KEY,
+    file           TEXT NOT NULL,
+    at             INTEGER NOT NULL
+);
+"#,
 ];
 
 /// The schema version this build writes.
