@@ -967,3 +967,32 @@ fn chat_stores_conversations_unless_incognito() {
     );
     assert_eq!(messages[1].role, "assistant");
 }
+
+/// A profile written by the previous schema version is migrated in place
+/// on open, and keeps its contents.
+#[test]
+fn an_older_schema_is_migrated_and_keeps_its_data() {
+    let (_dir, paths) = home();
+    let (mut profile, _) = Profile::create(&paths, KeyChoice::None, &Fixed("x")).unwrap();
+    let id = profile
+        .add_preference(&preference("city", "Porto", manual()))
+        .unwrap();
+    let db = profile.files().db.clone();
+    profile.close().unwrap();
+    {
+        // Back to version 1: the table migration 2 adds did not exist.
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("DROP TABLE import_seen; PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    let profile = Profile::open(&paths, &Fixed("x")).unwrap();
+    assert_eq!(profile.schema_version_before(), 1);
+    assert_eq!(
+        profile.schema_version().unwrap(),
+        imprint::profile::schema::current_version()
+    );
+    assert!(profile.mark_imported("abc", "f").unwrap());
+    assert!(!profile.mark_imported("abc", "f").unwrap());
+    assert_eq!(profile.preference(id).unwrap().target, "Porto");
+    assert_eq!(profile.integrity_check().unwrap(), "ok");
+}

@@ -68,6 +68,8 @@ pub enum PrefsCommand {
     },
     /// Remove a preference, its sources and its edits, and rebuild the adapter.
     Forget { id: i64 },
+    /// Every value an attribute has had, oldest first: the supersedes chain.
+    History { attribute: String },
     /// Compute edits for the current model for every active preference that
     /// has none (after an import from another model, or a model switch).
     Recompute {
@@ -398,6 +400,37 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
                     format!(", and {} adapter(s) were rebuilt", models.len())
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        PrefsCommand::History { attribute } => {
+            let profile = super::open_profile(app)?;
+            let wanted = attribute.to_lowercase();
+            let chain: Vec<Preference> = profile
+                .preferences(None)?
+                .into_iter()
+                .filter(|p| p.attribute.to_lowercase() == wanted)
+                .collect();
+            if chain.is_empty() {
+                println!(
+                    "No preference about {attribute:?}. `imprint prefs list` shows the attributes."
+                );
+            }
+            for p in &chain {
+                println!(
+                    "{:>4}  {:<10} {} → {}{}  (since {})",
+                    p.id,
+                    p.status,
+                    p.attribute,
+                    p.target,
+                    p.supersedes
+                        .map(|s| format!(", replaces #{s}"))
+                        .unwrap_or_default(),
+                    super::profile::when(p.created)
+                );
+                for s in &p.sources {
+                    println!("        from {}", describe_source(&profile, s)?);
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         PrefsCommand::Recompute { model } => {

@@ -118,7 +118,7 @@ fn confirm(question: &str) -> Result<bool> {
     Ok(matches!(line.trim(), "y" | "Y" | "yes" | "YES"))
 }
 
-fn when(ts: i64) -> String {
+pub fn when(ts: i64) -> String {
     // Local time would need a timezone database; UTC is unambiguous.
     let days = ts.div_euclid(86_400);
     let secs = ts.rem_euclid(86_400);
