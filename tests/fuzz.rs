@@ -38,7 +38,7 @@ fn mutate(seed: &[u8], flips: &[(usize, u8)], cut: usize, remove: (usize, usize)
         b.drain(start..end);
     }
     // Half the cases keep their full length; the others are cut short.
-    if cut % 2 == 0 && !b.is_empty() {
+    if cut.is_multiple_of(2) && !b.is_empty() {
         let at = (cut / 2) % b.len();
         b.truncate(at);
     }
