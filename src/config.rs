@@ -32,6 +32,7 @@ pub struct LearningConfig {
     pub capture: bool,
     pub auto_apply_threshold: f64,
     pub cluster_size: usize,
+    pub inbox: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

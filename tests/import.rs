@@ -284,3 +284,68 @@ fn a_callback_error_stops_the_read() {
     assert!(matches!(r, Err(ReadError::Callback("stop"))));
     assert_eq!(n, 2);
 }
+
+/// `imprint import --watch` as a real process: a file written in two steps
+/// and renamed into place is imported once, complete, and moved to
+/// processed/; a broken one lands in failed/ with the reason beside it.
+#[test]
+fn the_watched_inbox_imports_complete_files_and_sets_bad_ones_aside() {
+    use std::io::Write;
+    let home = tempfile::tempdir().unwrap();
+    let inbox = home.path().join("data/inbox");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imprint"))
+        .env("IMPRINT_HOME", home.path())
+        .env("IMPRINT_PASSPHRASE", "watch test")
+        .args(["import", "--watch", "--settle", "0.5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |p: &Path| {
+        let start = std::time::Instant::now();
+        while !p.exists() {
+            assert!(
+                start.elapsed().as_secs() < 60,
+                "{} never appeared",
+                p.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for(&inbox);
+    // Written in two steps under a partial name, then renamed into place.
+    let partial = inbox.join("notes.txt.part");
+    let mut f = std::fs::File::create(&partial).unwrap();
+    f.write_all(b"I live in Porto.\n").unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    f.write_all(b"I'm allergic to peanuts.\n").unwrap();
+    drop(f);
+    std::fs::rename(&partial, inbox.join("notes.txt")).unwrap();
+    std::fs::write(inbox.join("broken.json"), b"[{\"mapping\": ").unwrap();
+    wait_for(&inbox.join("processed/notes.txt"));
+    wait_for(&inbox.join("failed/broken.json.error.txt"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let note = std::fs::read_to_string(inbox.join("failed/broken.json.error.txt")).unwrap();
+    assert!(
+        note.contains("broken.json") && note.contains("line 1"),
+        "{note}"
+    );
+    let profile = Profile::open(&Paths::under(home.path()), &WatchPass).unwrap();
+    let mut targets: Vec<String> = profile
+        .preferences(None)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.target)
+        .collect();
+    targets.sort();
+    assert_eq!(targets, vec!["Porto".to_string(), "peanuts".to_string()]);
+}
+
+struct WatchPass;
+impl PassphraseSource for WatchPass {
+    fn passphrase(&self, _confirm: bool) -> Result<Zeroizing<String>, ProfileError> {
+        Ok(Zeroizing::new("watch test".into()))
+    }
+}

@@ -14,8 +14,16 @@ use super::App;
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// Chat exports: ChatGPT or Claude conversations.json, JSONL, Markdown transcripts, plain text.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "watch")]
     files: Vec<PathBuf>,
+    /// Keep running and learn from every file dropped into the inbox folder
+    /// ([learning] inbox, default inbox/ in the data folder). Imported files
+    /// move to processed/, unreadable ones to failed/ with a .error.txt.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds a file must stay unchanged before it is read (--watch).
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
     /// The format of every file (default: detected from each file).
     #[arg(long, value_enum)]
     format: Option<Format>,
@@ -36,6 +44,38 @@ pub fn run(app: &App, args: ImportArgs) -> Result<ExitCode> {
         eprintln!("imprint: no model is installed, so no edits are queued; after `imprint model pull`, `imprint prefs recompute` computes them");
     }
     let settings = CaptureSettings::from(&app.config.config.learning);
+    if args.watch {
+        let inbox = match app.config.config.learning.inbox.as_str() {
+            "" => app.paths.data_dir.join("inbox"),
+            dir => PathBuf::from(dir),
+        };
+        eprintln!(
+            "Watching {} for chat exports (Ctrl-C stops; each message is committed as it is read).",
+            inbox.display()
+        );
+        imprint::learn::inbox::watch(
+            &inbox,
+            std::time::Duration::from_secs_f64(args.settle.max(0.1)),
+            &mut profile,
+            &settings,
+            sha.as_deref(),
+            |outcome| match outcome {
+                imprint::learn::inbox::Outcome::Imported { file, summary } => println!(
+                    "imported {}: {} new preference(s), {} waiting for review, {} already imported",
+                    file.display(),
+                    summary.capture.learned.len(),
+                    summary.capture.pending.len(),
+                    summary.already_imported
+                ),
+                imprint::learn::inbox::Outcome::Failed { file, error } => {
+                    eprintln!("could not import {}: {error}", file.display())
+                }
+            },
+            || false,
+        )
+        .context("watching the inbox")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut failed = 0;
     for file in &args.files {
         let format = match args.format {

@@ -5,6 +5,7 @@
 //! - [`cluster`]: each preference's synonym questions.
 //! - [`import`]: chat-history importers (ChatGPT, Claude, JSONL, Markdown,
 //!   plain text), streamed, into capture.
+//! - [`inbox`]: the watched folder exports are dropped into.
 //! - [`extract`]: rule-based extraction of first-person preferences.
 //! - [`privacy`]: the filter that keeps secrets out of the profile and the
 //!   weights.
@@ -22,6 +23,7 @@ pub mod capture;
 pub mod cluster;
 pub mod extract;
 pub mod import;
+pub mod inbox;
 pub mod privacy;
 
 use serde::{Deserialize, Serialize};
