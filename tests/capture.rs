@@ -1,6 +1,8 @@
 //! Capture on real profile files: messages in, preferences out, with the
 //! privacy filter, dedupe, supersession and contradictions.
 
+mod common;
+
 use imprint::learn::capture::{capture_message, CaptureSettings};
 use imprint::paths::Paths;
 use imprint::profile::{
@@ -101,4 +103,48 @@ fn a_conversation_yields_exactly_the_planted_preferences() {
     assert!(log.iter().any(|e| e
         .detail
         .contains(&format!("contradicts preference {}", prefs[1].id))));
+}
+
+/// llama.cpp's grammar sampler holds the real model to the given shape,
+/// and the LLM extractor's answers on the real model pass its own checks
+/// (or are dropped), never anything in between.
+#[test]
+fn the_grammar_holds_the_real_model_to_its_shape() {
+    let mut engine = common::engine();
+    let params = imprint::engine::GenerationParams {
+        max_tokens: 8,
+        sampling: imprint::engine::Sampling::Greedy,
+        grammar: Some(r#"root ::= "yes" | "no""#.into()),
+    };
+    let reply = engine
+        .chat(
+            &[imprint::engine::ChatMessage::user(
+                "Is Paris in France? Answer yes or no.",
+            )],
+            &params,
+            &mut |_| std::ops::ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert!(
+        reply.text == "yes" || reply.text == "no",
+        "{:?}",
+        reply.text
+    );
+
+    for sentence in [
+        "I never finished high school.",
+        "In my spare time i sew.",
+        "She loves Italian food.",
+    ] {
+        if let Some(c) =
+            imprint::learn::llm_extract::extract_sentence(&mut engine, sentence).unwrap()
+        {
+            assert!(sentence.contains(&c.evidence), "{c:?}");
+            assert!(c.confidence <= imprint::learn::llm_extract::MAX_CONFIDENCE);
+            assert_ne!(
+                sentence, "She loves Italian food.",
+                "not first person: {c:?}"
+            );
+        }
+    }
 }

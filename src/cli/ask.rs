@@ -44,6 +44,7 @@ pub fn run(app: &App, args: AskArgs) -> Result<ExitCode> {
         } else {
             Sampling::from_config(gen)
         },
+        grammar: None,
     };
     let mut stdout = std::io::stdout().lock();
     let mut write_failed = None;

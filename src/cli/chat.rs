@@ -116,6 +116,7 @@ pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
         } else {
             Sampling::from_config(gen)
         },
+        grammar: None,
     };
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {

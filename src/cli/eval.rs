@@ -34,6 +34,15 @@ pub struct ExtractArgs {
     /// Where to write report.json and report.md.
     #[arg(long)]
     out: PathBuf,
+    /// Also ask the model (grammar-constrained JSON) where no rule matched.
+    #[arg(long)]
+    llm: bool,
+    /// A model name or GGUF path for --llm.
+    #[arg(long)]
+    model: Option<String>,
+    /// Only the first n UPQA sentences and n PrefEval statements.
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -132,7 +141,20 @@ pub fn run(app: &App, cmd: EvalCommand) -> Result<ExitCode> {
         EvalCommand::Locality(args) => locality(app, args),
         EvalCommand::Prefeval(args) => prefeval(app, args),
         EvalCommand::Extract(args) => {
-            let report = imprint::eval::extract::run(&args.data, args.prefeval.as_deref())?;
+            let mut engine = if args.llm {
+                Some(super::load_engine(app, args.model.as_deref(), false)?)
+            } else {
+                None
+            };
+            let spinner = app.spinner("extracting");
+            let report = imprint::eval::extract::run(
+                &args.data,
+                args.prefeval.as_deref(),
+                engine.as_mut(),
+                args.limit,
+            );
+            spinner.finish_and_clear();
+            let report = report?;
             std::fs::create_dir_all(&args.out).with_context(|| {
                 format!("cannot create the output folder {}", args.out.display())
             })?;

@@ -47,6 +47,8 @@ self_cell::self_cell!(
 pub enum EngineError {
     #[error(transparent)]
     Model(#[from] GgufError),
+    #[error("llama.cpp refused the grammar: {0}")]
+    Grammar(String),
     #[error("llama.cpp could not load {path}. Run with IMPRINT_LOG=debug to see llama.cpp's own messages.")]
     LoadFailed { path: PathBuf },
     #[error("llama.cpp could not create a context of {n_ctx} tokens: {message}. Lower [engine] context_size.")]
@@ -113,6 +115,9 @@ impl EngineOptions {
 pub struct GenerationParams {
     pub max_tokens: u32,
     pub sampling: Sampling,
+    /// A GBNF grammar (root rule `root`) the reply must follow, e.g. the
+    /// extractor's JSON shape. None: free text.
+    pub grammar: Option<String>,
 }
 
 impl GenerationParams {
@@ -120,6 +125,7 @@ impl GenerationParams {
         Self {
             max_tokens,
             sampling: Sampling::Greedy,
+            grammar: None,
         }
     }
 }
@@ -397,7 +403,22 @@ impl Engine {
         let prompt_time = start.elapsed();
 
         let n_vocab = self.n_vocab();
-        let mut sampler = params.sampling.build(n_vocab);
+        let mut sampler = match &params.grammar {
+            None => params.sampling.build(n_vocab),
+            Some(grammar) => {
+                let state = self.state();
+                let constrained = llama_cpp_2::sampling::LlamaSampler::grammar(
+                    state.borrow_owner(),
+                    grammar,
+                    "root",
+                )
+                .map_err(|e| EngineError::Grammar(e.to_string()))?;
+                llama_cpp_2::sampling::LlamaSampler::chain_simple([
+                    constrained,
+                    params.sampling.build(n_vocab),
+                ])
+            }
+        };
         let mut stream = utf8::Utf8Stream::default();
         let mut text = String::new();
         let mut tokens = Vec::new();

@@ -92,6 +92,10 @@ pub struct ExtractReport {
     pub secrets_skipped: privacy::SkippedSecrets,
     pub missed_examples: Vec<Example>,
     pub wrong_examples: Vec<Example>,
+    /// Whether the model was asked where no rule matched, and how many of
+    /// the predictions came from it.
+    pub llm: bool,
+    pub llm_predictions: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,18 +103,54 @@ struct ExplicitPreference {
     preference: String,
 }
 
-/// The first candidate of `sentence` that holds no secret.
-fn predict(sentence: &str, skipped: &mut privacy::SkippedSecrets) -> Option<extract::Candidate> {
+/// The first candidate of `sentence` that holds no secret: the rules',
+/// else (with an engine) the model's.
+fn predict(
+    sentence: &str,
+    skipped: &mut privacy::SkippedSecrets,
+    llm: &mut Option<&mut crate::engine::Engine>,
+    llm_used: &mut usize,
+) -> Result<Option<extract::Candidate>, crate::engine::EngineError> {
     let found = privacy::scan(sentence);
     if !found.is_empty() {
         skipped.record(&found);
-        return None;
+        return Ok(None);
     }
-    extract::extract(sentence).into_iter().next()
+    if let Some(c) = extract::extract(sentence).into_iter().next() {
+        return Ok(Some(c));
+    }
+    if let Some(engine) = llm {
+        for s in extract::sentences(sentence) {
+            if let Some(c) = crate::learn::llm_extract::extract_sentence(engine, s)? {
+                *llm_used += 1;
+                return Ok(Some(c));
+            }
+        }
+    }
+    Ok(None)
 }
 
-pub fn run(upqa: &Path, prefeval_dir: Option<&Path>) -> Result<ExtractReport, DataError> {
-    let items = load_items(upqa)?;
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractEvalError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+}
+
+/// Runs the measurement. `llm`: also ask the model where no rule matched.
+/// `limit`: only the first n UPQA sentences and PrefEval statements.
+pub fn run(
+    upqa: &Path,
+    prefeval_dir: Option<&Path>,
+    mut llm: Option<&mut crate::engine::Engine>,
+    limit: Option<usize>,
+) -> Result<ExtractReport, ExtractEvalError> {
+    let mut items = load_items(upqa)?;
+    if let Some(n) = limit {
+        items.truncate(n);
+    }
+    let mut llm_used = 0usize;
     let mut skipped = privacy::SkippedSecrets::default();
     let mut target = Prf {
         gold: items.len(),
@@ -120,7 +160,7 @@ pub fn run(upqa: &Path, prefeval_dir: Option<&Path>) -> Result<ExtractReport, Da
     let (mut target_f1_sum, mut attribute_f1_sum) = (0.0, 0.0);
     let (mut missed, mut wrong) = (Vec::new(), Vec::new());
     for item in &items {
-        let Some(c) = predict(&item.input_attribute, &mut skipped) else {
+        let Some(c) = predict(&item.input_attribute, &mut skipped, &mut llm, &mut llm_used)? else {
             if missed.len() < 200 {
                 missed.push(Example {
                     sentence: item.input_attribute.clone(),
@@ -164,8 +204,12 @@ pub fn run(upqa: &Path, prefeval_dir: Option<&Path>) -> Result<ExtractReport, Da
         for f in files {
             let prefs: Vec<ExplicitPreference> = read_json(&f)?;
             for p in prefs {
+                if limit.is_some_and(|n| statements >= n) {
+                    break;
+                }
                 statements += 1;
-                extracted += predict(&p.preference, &mut skipped).is_some() as usize;
+                extracted += predict(&p.preference, &mut skipped, &mut llm, &mut llm_used)?
+                    .is_some() as usize;
             }
         }
     }
@@ -181,7 +225,7 @@ pub fn run(upqa: &Path, prefeval_dir: Option<&Path>) -> Result<ExtractReport, Da
         }
         let entry = by_category.entry(category.clone()).or_default();
         entry.1 += 1;
-        if let Some(c) = predict(sentence, &mut skipped) {
+        if let Some(c) = predict(sentence, &mut skipped, &mut llm, &mut llm_used)? {
             fp += 1;
             entry.0 += 1;
             fp_examples.push(format!("{sentence} → {} → {}", c.attribute, c.target));
@@ -201,6 +245,8 @@ pub fn run(upqa: &Path, prefeval_dir: Option<&Path>) -> Result<ExtractReport, Da
         secrets_skipped: skipped,
         missed_examples: missed,
         wrong_examples: wrong,
+        llm: llm.is_some(),
+        llm_predictions: llm_used,
     })
 }
 
@@ -213,7 +259,12 @@ impl ExtractReport {
             )
         };
         let mut md = format!(
-            "## Extraction (rules only)\n\nUPQA_1000 sentences: {}\n\n| field | matched / predicted | precision | recall | F1 | mean token F1 |\n|---|---|---|---|---|---|\n",
+            "## Extraction ({})\n\nUPQA_1000 sentences: {}\n\n| field | matched / predicted | precision | recall | F1 | mean token F1 |\n|---|---|---|---|---|---|\n",
+            if self.llm {
+                format!("rules, then the model: {} predictions from the model", self.llm_predictions)
+            } else {
+                "rules only".to_string()
+            },
             self.upqa_sentences
         );
         md += &row("target", &self.target);

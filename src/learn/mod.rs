@@ -7,6 +7,8 @@
 //!   plain text), streamed, into capture.
 //! - [`inbox`]: the watched folder exports are dropped into.
 //! - [`extract`]: rule-based extraction of first-person preferences.
+//! - [`llm_extract`]: the model as a second extractor, grammar-constrained
+//!   JSON, checked against the sentence.
 //! - [`privacy`]: the filter that keeps secrets out of the profile and the
 //!   weights.
 //! - this file: the learning step, from a stored preference to an edit.
@@ -24,6 +26,7 @@ pub mod cluster;
 pub mod extract;
 pub mod import;
 pub mod inbox;
+pub mod llm_extract;
 pub mod privacy;
 
 use serde::{Deserialize, Serialize};
