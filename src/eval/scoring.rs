@@ -15,27 +15,10 @@ fn words(text: &str) -> Vec<String> {
 /// SQuAD-style token F1 between an answer and the target (bag of words).
 pub fn token_f1(answer: &str, target: &str) -> f64 {
     let (a, t) = (words(answer), words(target));
-    if a.is_empty() || t.is_empty() {
-        return if a.is_empty() && t.is_empty() {
-            1.0
-        } else {
-            0.0
-        };
+    if a.is_empty() && t.is_empty() {
+        return 1.0;
     }
-    let mut remaining = t.clone();
-    let mut common = 0usize;
-    for w in &a {
-        if let Some(i) = remaining.iter().position(|x| x == w) {
-            remaining.swap_remove(i);
-            common += 1;
-        }
-    }
-    if common == 0 {
-        return 0.0;
-    }
-    let precision = common as f64 / a.len() as f64;
-    let recall = common as f64 / t.len() as f64;
-    2.0 * precision * recall / (precision + recall)
+    crate::learn::extract::bag_f1(&a, &t)
 }
 
 #[cfg(test)]

@@ -505,14 +505,18 @@ pub fn normalise(text: &str) -> Vec<String> {
 
 /// Token F1 between the normalised bags of two strings.
 pub fn match_f1(predicted: &str, gold: &str) -> f64 {
-    let (p, g) = (normalise(predicted), normalise(gold));
-    if p.is_empty() || g.is_empty() {
+    bag_f1(&normalise(predicted), &normalise(gold))
+}
+
+/// SQuAD-style F1 of two bags of words (0 when either is empty).
+pub fn bag_f1<S: PartialEq>(predicted: &[S], gold: &[S]) -> f64 {
+    if predicted.is_empty() || gold.is_empty() {
         return 0.0;
     }
-    let mut remaining = g.clone();
+    let mut remaining: Vec<&S> = gold.iter().collect();
     let mut common = 0usize;
-    for w in &p {
-        if let Some(i) = remaining.iter().position(|x| x == w) {
+    for w in predicted {
+        if let Some(i) = remaining.iter().position(|x| *x == w) {
             remaining.swap_remove(i);
             common += 1;
         }
@@ -520,8 +524,8 @@ pub fn match_f1(predicted: &str, gold: &str) -> f64 {
     if common == 0 {
         return 0.0;
     }
-    let precision = common as f64 / p.len() as f64;
-    let recall = common as f64 / g.len() as f64;
+    let precision = common as f64 / predicted.len() as f64;
+    let recall = common as f64 / gold.len() as f64;
     2.0 * precision * recall / (precision + recall)
 }
 

@@ -453,19 +453,7 @@ impl Profile {
             .collect::<Result<_, ProfileError>>()?;
         let tx = self.conn_mut().transaction()?;
         for m in &archive.manifest.models {
-            tx.execute(
-                "INSERT INTO models (sha256, path, architecture, n_layer, n_embd, n_ff, first_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(sha256) DO NOTHING",
-                params![
-                    m.sha256,
-                    m.path,
-                    m.architecture,
-                    m.n_layer as i64,
-                    m.n_embd as i64,
-                    m.n_ff as i64,
-                    now()
-                ],
-            )?;
+            super::edits::upsert_model(&tx, m, false)?;
         }
         if mode == ImportMode::Replace {
             tx.execute_batch(
@@ -591,25 +579,20 @@ fn insert_sources(
     keep_ids: bool,
 ) -> Result<(), ProfileError> {
     for s in &p.sources {
-        let sid = keep_ids.then_some(s.id);
-        match &s.reference {
-            SourceRef::Message { message_id } => tx.execute(
-                "INSERT INTO preference_sources (id, preference_id, kind, message_id, created) VALUES (?4, ?1, 'message', ?2, ?3)",
-                params![preference_id, message_ids.get(message_id), s.created, sid],
-            )?,
-            SourceRef::Import {
-                file,
-                conversation,
-                message_index,
-            } => tx.execute(
-                "INSERT INTO preference_sources (id, preference_id, kind, import_file, import_conversation, import_message_index, created) VALUES (?6, ?1, 'import', ?2, ?3, ?4, ?5)",
-                params![preference_id, file, conversation, message_index, s.created, sid],
-            )?,
-            SourceRef::Manual { note } => tx.execute(
-                "INSERT INTO preference_sources (id, preference_id, kind, note, created) VALUES (?4, ?1, 'manual', ?2, ?3)",
-                params![preference_id, note, s.created, sid],
-            )?,
+        // Message ids are renumbered on merge: point at the new ones.
+        let reference = match &s.reference {
+            SourceRef::Message { message_id } => SourceRef::Message {
+                message_id: message_ids.get(message_id).copied().unwrap_or(*message_id),
+            },
+            other => other.clone(),
         };
+        super::records::insert_source(
+            tx,
+            preference_id,
+            &reference,
+            s.created,
+            keep_ids.then_some(s.id),
+        )?;
     }
     Ok(())
 }

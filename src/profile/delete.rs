@@ -92,21 +92,20 @@ fn wipe(profile: &Profile) -> Result<(), ProfileError> {
 }
 
 fn remove_file(path: &Path, receipt: &mut DeletionReceipt) -> Result<(), ProfileError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {
-            receipt.removed.push(path.to_path_buf());
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ProfileError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
+    remove(path, receipt, std::fs::remove_file(path))
 }
 
 fn remove_dir(path: &Path, receipt: &mut DeletionReceipt) -> Result<(), ProfileError> {
-    match std::fs::remove_dir_all(path) {
+    remove(path, receipt, std::fs::remove_dir_all(path))
+}
+
+/// Records a removal on the receipt; "already gone" is not an error.
+fn remove(
+    path: &Path,
+    receipt: &mut DeletionReceipt,
+    result: std::io::Result<()>,
+) -> Result<(), ProfileError> {
+    match result {
         Ok(()) => {
             receipt.removed.push(path.to_path_buf());
             Ok(())

@@ -167,21 +167,7 @@ pub(crate) fn insert_edit(
 impl Profile {
     /// Records (or refreshes) what the profile knows about a model.
     pub fn remember_model(&self, m: &ModelRecord) -> Result<(), ProfileError> {
-        self.conn().execute(
-            "INSERT INTO models (sha256, path, architecture, n_layer, n_embd, n_ff, first_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT(sha256) DO UPDATE SET path = excluded.path",
-            params![
-                m.sha256,
-                m.path,
-                m.architecture,
-                m.n_layer as i64,
-                m.n_embd as i64,
-                m.n_ff as i64,
-                now()
-            ],
-        )?;
-        Ok(())
+        upsert_model(self.conn(), m, true)
     }
 
     pub fn models(&self) -> Result<Vec<ModelRecord>, ProfileError> {
@@ -390,6 +376,36 @@ impl Profile {
         let _ = std::fs::remove_dir(&dir);
         Ok(moved)
     }
+}
+
+/// Inserts a model record; an existing one keeps its row, and gets the new
+/// path when `refresh_path`.
+pub(crate) fn upsert_model(
+    conn: &rusqlite::Connection,
+    m: &ModelRecord,
+    refresh_path: bool,
+) -> Result<(), ProfileError> {
+    let on_conflict = if refresh_path {
+        "DO UPDATE SET path = excluded.path"
+    } else {
+        "DO NOTHING"
+    };
+    conn.execute(
+        &format!(
+            "INSERT INTO models (sha256, path, architecture, n_layer, n_embd, n_ff, first_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(sha256) {on_conflict}"
+        ),
+        params![
+            m.sha256,
+            m.path,
+            m.architecture,
+            m.n_layer as i64,
+            m.n_embd as i64,
+            m.n_ff as i64,
+            now()
+        ],
+    )?;
+    Ok(())
 }
 
 /// Where the assembled adapter for a model lives.

@@ -218,28 +218,31 @@ fn preference_row(row: &Row) -> rusqlite::Result<Preference> {
     })
 }
 
-fn insert_source(
+/// Stores one source of a preference; `id` keeps an exported source's id
+/// (import with --replace), None assigns a new one.
+pub(crate) fn insert_source(
     tx: &rusqlite::Connection,
     preference_id: i64,
     source: &SourceRef,
     at: i64,
+    id: Option<i64>,
 ) -> Result<(), ProfileError> {
     match source {
         SourceRef::Message { message_id } => tx.execute(
-            "INSERT INTO preference_sources (preference_id, kind, message_id, created) VALUES (?1, 'message', ?2, ?3)",
-            params![preference_id, message_id, at],
+            "INSERT INTO preference_sources (id, preference_id, kind, message_id, created) VALUES (?4, ?1, 'message', ?2, ?3)",
+            params![preference_id, message_id, at, id],
         )?,
         SourceRef::Import {
             file,
             conversation,
             message_index,
         } => tx.execute(
-            "INSERT INTO preference_sources (preference_id, kind, import_file, import_conversation, import_message_index, created) VALUES (?1, 'import', ?2, ?3, ?4, ?5)",
-            params![preference_id, file, conversation, message_index, at],
+            "INSERT INTO preference_sources (id, preference_id, kind, import_file, import_conversation, import_message_index, created) VALUES (?6, ?1, 'import', ?2, ?3, ?4, ?5)",
+            params![preference_id, file, conversation, message_index, at, id],
         )?,
         SourceRef::Manual { note } => tx.execute(
-            "INSERT INTO preference_sources (preference_id, kind, note, created) VALUES (?1, 'manual', ?2, ?3)",
-            params![preference_id, note, at],
+            "INSERT INTO preference_sources (id, preference_id, kind, note, created) VALUES (?4, ?1, 'manual', ?2, ?3)",
+            params![preference_id, note, at, id],
         )?,
     };
     Ok(())
@@ -290,7 +293,7 @@ pub(crate) fn insert_preference(
         ],
     )?;
     let id = conn.last_insert_rowid();
-    insert_source(conn, id, &p.source, at)?;
+    insert_source(conn, id, &p.source, at, None)?;
     insert_cluster(conn, id, &p.cluster)?;
     Ok(id)
 }
@@ -384,7 +387,7 @@ impl Profile {
         source: &SourceRef,
     ) -> Result<(), ProfileError> {
         self.preference(preference_id)?;
-        insert_source(self.conn(), preference_id, source, now())
+        insert_source(self.conn(), preference_id, source, now(), None)
     }
 
     pub fn preference(&self, id: i64) -> Result<Preference, ProfileError> {
