@@ -33,6 +33,7 @@ pub struct LearningConfig {
     pub auto_apply_threshold: f64,
     pub cluster_size: usize,
     pub inbox: String,
+    pub llm_extractor: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -34,7 +34,7 @@ fn a_conversation_yields_exactly_the_planted_preferences() {
         let id = profile.add_message(conv, "user", text).unwrap();
         (
             id,
-            capture_message(profile, id, text, &settings(), Some("m")).unwrap(),
+            capture_message(profile, id, text, &settings(), Some("m"), None).unwrap(),
         )
     };
 
@@ -147,4 +147,40 @@ fn the_grammar_holds_the_real_model_to_its_shape() {
             );
         }
     }
+}
+
+/// With the model as second extractor, what only the model finds waits for
+/// review: it never becomes active or queues an edit on its own.
+#[test]
+fn model_only_finds_wait_for_review() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut profile, _) =
+        Profile::create(&Paths::under(dir.path()), KeyChoice::Passphrase, &Fixed).unwrap();
+    let conv = profile.create_conversation("llm").unwrap();
+    let mut engine = common::engine();
+    let text = "I never finished high school. In my spare time i sew.";
+    let id = profile.add_message(conv, "user", text).unwrap();
+    let report = capture_message(
+        &mut profile,
+        id,
+        text,
+        &settings(),
+        Some("m"),
+        Some(&mut engine),
+    )
+    .unwrap();
+    // "In my spare time i sew" is a rule match (active); anything else came
+    // from the model and must be pending.
+    for pid in &report.learned {
+        let p = profile.preference(*pid).unwrap();
+        assert!(
+            p.confidence > imprint::learn::llm_extract::MAX_CONFIDENCE,
+            "{p:?}"
+        );
+    }
+    for pid in &report.pending {
+        let p = profile.preference(*pid).unwrap();
+        assert!(text.contains(&p.statement), "{p:?}");
+    }
+    assert_eq!(report.jobs.len(), report.learned.len());
 }

@@ -54,14 +54,23 @@ impl Stored {
 }
 
 /// Learns from one user message and says what happened, on stderr.
-fn capture(app: &App, stored: &mut Stored, message_id: i64, text: &str, sha: &str) -> Result<()> {
-    let settings = imprint::learn::capture::CaptureSettings::from(&app.config.config.learning);
+fn capture(
+    app: &App,
+    stored: &mut Stored,
+    message_id: i64,
+    text: &str,
+    sha: &str,
+    engine: &mut imprint::engine::Engine,
+) -> Result<()> {
+    let learning = &app.config.config.learning;
+    let settings = imprint::learn::capture::CaptureSettings::from(learning);
     let report = imprint::learn::capture::capture_message(
         &mut stored.profile,
         message_id,
         text,
         &settings,
         Some(sha),
+        learning.llm_extractor.then_some(engine),
     )?;
     for id in report.learned.iter().chain(&report.pending) {
         let p = stored.profile.preference(*id)?;
@@ -160,7 +169,7 @@ pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
         if let Some(s) = &mut stored {
             let id = s.add("user", input)?;
             if app.config.config.learning.capture {
-                capture(app, s, id, input, &sha)?;
+                capture(app, s, id, input, &sha, &mut engine)?;
             }
         }
         let generation = engine.chat(&messages, &params, &mut |text| {

@@ -78,6 +78,7 @@ pub fn capture_message(
     text: &str,
     settings: &CaptureSettings,
     model_sha256: Option<&str>,
+    llm: Option<&mut crate::engine::Engine>,
 ) -> Result<CaptureReport, LearnError> {
     let mut report = CaptureReport::default();
     capture_text(
@@ -86,19 +87,23 @@ pub fn capture_message(
         text,
         settings,
         model_sha256,
+        llm,
         &mut report,
     )?;
     Ok(report)
 }
 
 /// Captures the preferences in one user message from any source (a stored
-/// message, an imported chat), adding to `report`.
+/// message, an imported chat), adding to `report`. With `llm`, sentences no
+/// rule matched are also put to the model (`llm_extract`); what only the
+/// model found always waits for review.
 pub fn capture_text(
     profile: &mut Profile,
     source: &SourceRef,
     text: &str,
     settings: &CaptureSettings,
     model_sha256: Option<&str>,
+    mut llm: Option<&mut crate::engine::Engine>,
     report: &mut CaptureReport,
 ) -> Result<(), LearnError> {
     for sentence in extract::sentences(text) {
@@ -107,8 +112,17 @@ pub fn capture_text(
             report.secrets_skipped.record(&secrets);
             continue;
         }
-        let Ok(candidate) = extract::extract_sentence(sentence) else {
-            continue;
+        let candidate = match (extract::extract_sentence(sentence), llm.as_deref_mut()) {
+            (Ok(c), _) => c,
+            (Err(extract::Skip::NoRule), Some(engine)) => {
+                match super::llm_extract::extract_sentence(engine, sentence)
+                    .map_err(crate::editor::EditorError::from)?
+                {
+                    Some(c) => c,
+                    None => continue,
+                }
+            }
+            _ => continue,
         };
         if !text.contains(&candidate.evidence) {
             continue;

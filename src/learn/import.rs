@@ -677,6 +677,7 @@ pub fn import_history(
             &m.text,
             settings,
             model_sha256,
+            None,
             &mut summary.capture,
         )?;
         // Marked after capture: a crash in between re-captures the message
