@@ -136,8 +136,8 @@ pub struct EditMetrics {
     pub probe_tokens_kept: usize,
     #[serde(default)]
     pub probe_tokens_total: usize,
-    /// Probes whose answer now contains the target: the edit fires where it
-    /// should not. The gate allows none.
+    /// Probes whose answer now contains the target, or an earlier active
+    /// edit's target: an edit fires where it should not. The gate allows none.
     #[serde(default)]
     pub hijacked: usize,
     /// Earlier active edits whose first question answered their target

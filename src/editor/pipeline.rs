@@ -592,9 +592,13 @@ impl Editor {
                 let (before, after) = (&before.text, after_probe.text);
                 metrics.locality_total += 1;
                 tracing::debug!(question = %p.question, %before, %after, same = same_answer(before, &after), "probe after");
-                if contains_target(&after, &request.target)
-                    && !contains_target(before, &request.target)
-                {
+                // A probe that starts answering with this edit's target, or
+                // with an earlier edit's (stacked edits can push each other
+                // onto unrelated questions), is hijacked.
+                let leaked = std::iter::once(request.target.as_str())
+                    .chain(active.iter().map(|e| e.request.target.as_str()))
+                    .any(|t| contains_target(&after, t) && !contains_target(before, t));
+                if leaked {
                     metrics.hijacked += 1;
                 }
                 if same_answer(before, &after) {
@@ -637,7 +641,7 @@ impl Editor {
                     edit.metrics.broken_edits
                 )),
                 (true, false) if edit.metrics.hijacked > 0 => Some(format!(
-                    "{} unrelated question(s) now answer with the target",
+                    "{} unrelated question(s) now answer with the target of this or an earlier preference",
                     edit.metrics.hijacked
                 )),
                 (true, false) => Some(format!(
