@@ -209,9 +209,13 @@ fn load_learning(app: &App, model: Option<&str>) -> Result<(Engine, Editor, Stri
 }
 
 /// One line per preference: id, status, what, where from, edit status.
-fn edit_status(profile: &Profile, p: &Preference) -> Result<String> {
+/// `jobs`: the profile's jobs, read once by the caller for every line.
+fn edit_status(
+    profile: &Profile,
+    p: &Preference,
+    jobs: &[imprint::profile::Job],
+) -> Result<String> {
     let edits = profile.edits_for_preference(p.id)?;
-    let jobs = profile.jobs(None)?;
     let job = jobs.iter().rev().find(|j| {
         learn::EditJob::from_job(j).is_ok_and(|e| e.preference_id == p.id)
             && j.state != JobState::Done
@@ -253,6 +257,7 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
         PrefsCommand::List { status, json } => {
             let profile = super::open_profile(app)?;
             let prefs = profile.preferences(status)?;
+            let jobs = profile.jobs(None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&prefs)?);
                 return Ok(ExitCode::SUCCESS);
@@ -268,7 +273,7 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
                     p.polarity,
                     p.attribute,
                     p.target,
-                    edit_status(&profile, p)?
+                    edit_status(&profile, p, &jobs)?
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -302,7 +307,10 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
                     e.edit.metrics.efficacy_total
                 );
             }
-            println!("  edit status: {}", edit_status(&profile, &p)?);
+            println!(
+                "  edit status: {}",
+                edit_status(&profile, &p, &profile.jobs(None)?)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         PrefsCommand::Add {

@@ -153,15 +153,15 @@ fn run_inner(
     let request = preference.edit_request();
     // The preference's own earlier edit is being replaced, so it is not
     // one of the edits this one must leave intact.
+    let mine: Vec<String> = profile
+        .edits_for_preference(preference.id)?
+        .into_iter()
+        .map(|e| e.edit.id)
+        .collect();
     let others: Vec<_> = profile
         .active_edits(&spec.model_sha256)?
         .into_iter()
-        .filter(|e| {
-            profile
-                .edits_for_preference(preference.id)
-                .map(|mine| !mine.iter().any(|m| m.edit.id == e.id))
-                .unwrap_or(true)
-        })
+        .filter(|e| !mine.contains(&e.id))
         .collect();
     let outcome = editor.compute(engine, &request, &others, progress)?;
     profile.save_edit(preference.id, &outcome.edit, Some(job.id))?;

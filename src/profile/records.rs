@@ -520,19 +520,12 @@ impl Profile {
     /// the model fingerprints whose adapters must be rebuilt.
     pub fn forget(&mut self, id: i64) -> Result<Vec<String>, ProfileError> {
         let tx = self.conn_mut().transaction()?;
-        let p = tx
-            .query_row(
-                "SELECT attribute, target FROM preferences WHERE id = ?1",
-                [id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()?
-            .ok_or(ProfileError::UnknownPreference(id))?;
         let models = models_with_active_edits(&tx, &[id])?;
-        tx.execute("DELETE FROM preferences WHERE id = ?1", [id])?;
+        if tx.execute("DELETE FROM preferences WHERE id = ?1", [id])? == 0 {
+            return Err(ProfileError::UnknownPreference(id));
+        }
         // The log keeps that something was forgotten, not what: forgetting
         // must not leave the preference behind in another table.
-        let _ = p;
         audit_in(&tx, "forgotten", &format!("preference {id}"), "")?;
         tx.commit()?;
         Ok(models)
