@@ -21,7 +21,9 @@ fi
 
 packages=(cmake clang libclang-dev pkg-config libssl-dev python3-pip)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(dbus gnome-keyring)
+  # The keyring's Secret Service for the profile tests, curl for the HTTP
+  # endpoint tests.
+  packages+=(dbus gnome-keyring curl)
 fi
 
 missing=()

@@ -37,6 +37,15 @@ IMPRINT_TEST_MODEL="$("$bin" model path)"
 export IMPRINT_TEST_MODEL
 echo "testing against $IMPRINT_TEST_MODEL"
 
+# The official `openai` Python client talks to the daemon's HTTP endpoint in
+# the tests; it lives in a venv of its own, made once.
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/imprint/pyenv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+  (python3 -m venv "$venv" && "$venv/bin/pip" install -q openai) \
+    || echo "warning: could not install the openai Python package; the daemon test will say it skipped that client" >&2
+fi
+if [ -x "$venv/bin/python" ]; then export IMPRINT_TEST_PYTHON="$venv/bin/python"; fi
+
 log="$(mktemp)"
 trap 'rm -f "$log"; [ -n "${keyring_home:-}" ] && rm -rf "$keyring_home"' EXIT
 set +e

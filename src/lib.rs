@@ -15,6 +15,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod daemon;
 pub mod editor;
 pub mod engine;
 pub mod eval;

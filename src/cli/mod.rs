@@ -5,6 +5,7 @@ mod bench;
 mod calibrate;
 mod chat;
 mod config_cmd;
+mod daemon;
 mod edit;
 mod eval;
 mod import;
@@ -73,6 +74,8 @@ enum Command {
     /// The learning job queue: list, or run the queued jobs now.
     #[command(subcommand)]
     Jobs(prefs::JobsCommand),
+    /// The background service: one model for every client, learning while you chat, an OpenAI-compatible API.
+    Daemon(daemon::DaemonArgs),
 }
 
 /// What every command gets: where files live and the effective config.
@@ -109,7 +112,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let paths = Paths::discover()?;
     let config = LoadedConfig::load(&paths.config_file())
         .with_context(|| "could not load the configuration")?;
-    init_tracing(cli.verbose, config.config.logging.llama);
+    // The daemon's log is its only voice: say what it does by default.
+    let verbose = if matches!(cli.command, Command::Daemon(_)) {
+        cli.verbose.max(1)
+    } else {
+        cli.verbose
+    };
+    init_tracing(verbose, config.config.logging.llama);
     let ctx = App {
         paths,
         config,
@@ -128,6 +137,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Prefs(cmd) => prefs::run(&ctx, cmd),
         Command::History(cmd) => profile::history(&ctx, cmd),
         Command::Import(args) => import::run(&ctx, args),
+        Command::Daemon(args) => daemon::run(&ctx, args),
         Command::Jobs(cmd) => prefs::jobs(&ctx, cmd),
     }
 }

@@ -199,6 +199,12 @@ pub fn print_outcome(request: &EditRequest, outcome: &EditOutcome, total_seconds
     }
 }
 
+/// The chosen model's path and fingerprint, without loading it.
+fn model_sha(app: &App, model: Option<&str>) -> Result<(String, std::path::PathBuf)> {
+    let path = imprint::models::resolve_model(&app.paths, &app.config.config, model)?;
+    Ok((imprint::models::fingerprint(&app.paths, &path)?, path))
+}
+
 /// A loaded engine and editor for the chosen model.
 fn load_learning(app: &App, model: Option<&str>) -> Result<(Engine, Editor, String)> {
     let engine = super::load_engine(app, model, false)?;
@@ -206,32 +212,6 @@ fn load_learning(app: &App, model: Option<&str>) -> Result<(Engine, Editor, Stri
     let settings = default_settings(app, &sha, Method::Ftm)?;
     let (sha, editor) = super::load_editor(app, &engine, settings)?;
     Ok((engine, editor, sha))
-}
-
-/// One line per preference: id, status, what, where from, edit status.
-/// `jobs`: the profile's jobs, read once by the caller for every line.
-fn edit_status(
-    profile: &Profile,
-    p: &Preference,
-    jobs: &[imprint::profile::Job],
-) -> Result<String> {
-    let edits = profile.edits_for_preference(p.id)?;
-    let job = jobs.iter().rev().find(|j| {
-        learn::EditJob::from_job(j).is_ok_and(|e| e.preference_id == p.id)
-            && j.state != JobState::Done
-    });
-    Ok(match (edits.iter().rev().find(|e| e.edit.active), job) {
-        (_, Some(j)) if j.state == JobState::Running => "computing".into(),
-        (_, Some(j)) if j.state == JobState::Queued => "queued".into(),
-        (Some(e), _) => format!("verified ({})", e.edit.id),
-        (None, Some(j)) if j.state == JobState::Failed => {
-            format!("failed: {}", j.error.as_deref().unwrap_or("?"))
-        }
-        (None, _) => match edits.last().and_then(|e| e.edit.rejection.clone()) {
-            Some(reason) => format!("refused by the gate: {reason}"),
-            None => "no edit".into(),
-        },
-    })
 }
 
 fn describe_source(profile: &Profile, s: &imprint::profile::Source) -> Result<String> {
@@ -273,7 +253,7 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
                     p.polarity,
                     p.attribute,
                     p.target,
-                    edit_status(&profile, p, &jobs)?
+                    learn::review::edit_status(&profile, p, &jobs)?
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -309,7 +289,7 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
             }
             println!(
                 "  edit status: {}",
-                edit_status(&profile, &p, &profile.jobs(None)?)?
+                learn::review::edit_status(&profile, &p, &profile.jobs(None)?)?
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -359,9 +339,7 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
         }
         PrefsCommand::Reject { id } => {
             let mut profile = super::open_profile(app)?;
-            let models = models_of(&profile, id)?;
-            profile.set_status(id, PreferenceStatus::Rejected)?;
-            rebuild(app, &profile, &models)?;
+            learn::review::reject(&mut profile, id, &app.paths.cache_dir)?;
             println!("Rejected preference {id}; it is no longer in the weights.");
             Ok(ExitCode::SUCCESS)
         }
@@ -375,31 +353,39 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
                 bail!("give --attribute and/or --target: what should preference {id} say?");
             }
             let mut profile = super::open_profile(app)?;
-            let old = profile.preference(id)?;
-            let models = models_of(&profile, id)?;
-            let attribute = attribute.unwrap_or(old.attribute.clone());
-            let target = target.unwrap_or(old.target.clone());
-            // The questions mention the attribute: rewrite them with the new one.
-            let cluster: Vec<ClusterMember> = old
-                .cluster
-                .iter()
-                .map(|m| ClusterMember {
-                    attribute: attribute.clone(),
-                    question: m.question.replace(&old.attribute, &attribute),
-                })
-                .collect();
-            profile.update_preference(id, &attribute, &target, &cluster)?;
-            rebuild(app, &profile, &models)?;
-            if profile.preference(id)?.status == PreferenceStatus::Active {
-                return learn_one(app, &mut profile, id, model.as_deref());
+            let (sha, _) = model_sha(app, model.as_deref())?;
+            let queued = learn::review::change(
+                &mut profile,
+                id,
+                attribute.as_deref(),
+                target.as_deref(),
+                &app.paths.cache_dir,
+                &sha,
+            )?;
+            if let Some(job) = queued {
+                // Run now rather than leave it to `jobs run` or the daemon.
+                let (mut engine, mut editor, _) = load_learning(app, model.as_deref())?;
+                let started = std::time::Instant::now();
+                if let Some(job) = profile.claim_job_id(job)? {
+                    if let Some(outcome) =
+                        run_job(app, &mut profile, &mut engine, &mut editor, &job)?
+                    {
+                        print_outcome(
+                            &outcome.edit.request,
+                            &outcome,
+                            started.elapsed().as_secs_f64(),
+                        );
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
             }
-            println!("Preference {id} now says {attribute} → {target}.");
+            let p = profile.preference(id)?;
+            println!("Preference {id} now says {} → {}.", p.attribute, p.target);
             Ok(ExitCode::SUCCESS)
         }
         PrefsCommand::Forget { id } => {
             let mut profile = super::open_profile(app)?;
-            let models = profile.forget(id)?;
-            rebuild(app, &profile, &models)?;
+            let models = learn::review::forget(&mut profile, id, &app.paths.cache_dir)?;
             println!(
                 "Forgot preference {id}: it, its sources and its edits are gone{}.",
                 if models.is_empty() {
@@ -412,12 +398,7 @@ pub fn run(app: &App, cmd: PrefsCommand) -> Result<ExitCode> {
         }
         PrefsCommand::History { attribute } => {
             let profile = super::open_profile(app)?;
-            let wanted = attribute.to_lowercase();
-            let chain: Vec<Preference> = profile
-                .preferences(None)?
-                .into_iter()
-                .filter(|p| p.attribute.to_lowercase() == wanted)
-                .collect();
+            let chain = learn::review::history(&profile, &attribute)?;
             if chain.is_empty() {
                 println!(
                     "No preference about {attribute:?}. `imprint prefs list` shows the attributes."
@@ -495,33 +476,6 @@ fn learn_one(app: &App, profile: &mut Profile, id: i64, model: Option<&str>) -> 
         }
         None => Ok(ExitCode::SUCCESS),
     }
-}
-
-/// Models whose adapters carry this preference's edits.
-fn models_of(profile: &Profile, id: i64) -> Result<Vec<String>> {
-    let mut models: Vec<String> = profile
-        .edits_for_preference(id)?
-        .into_iter()
-        .filter(|e| e.edit.active)
-        .map(|e| e.edit.model_sha256)
-        .collect();
-    models.sort();
-    models.dedup();
-    Ok(models)
-}
-
-/// Rebuilds the adapters of these models from the profile.
-pub fn rebuild(app: &App, profile: &Profile, models: &[String]) -> Result<()> {
-    let known = profile.models()?;
-    for sha in models {
-        let arch = known
-            .iter()
-            .find(|m| &m.sha256 == sha)
-            .map(|m| m.architecture.clone())
-            .unwrap_or_else(|| "llama".into());
-        profile.assemble_adapter(&app.paths.cache_dir, sha, &arch)?;
-    }
-    Ok(())
 }
 
 pub fn jobs(app: &App, cmd: JobsCommand) -> Result<ExitCode> {

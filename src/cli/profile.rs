@@ -342,7 +342,7 @@ fn import(app: &App, file: &std::path::Path, replace: bool, merge: bool) -> Resu
                 &current[..12.min(current.len())]
             );
         }
-        super::prefs::rebuild(app, &profile, &[current])?;
+        imprint::learn::review::rebuild_adapters(&profile, &app.paths.cache_dir, &[current])?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -463,7 +463,7 @@ pub fn history(app: &App, cmd: HistoryCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
             let (removal, models) = profile.delete_conversation(id)?;
-            super::prefs::rebuild(app, &profile, &models)?;
+            imprint::learn::review::rebuild_adapters(&profile, &app.paths.cache_dir, &models)?;
             println!(
                 "Deleted conversation {id} ({} message(s)); {} preference(s) learned only from it were forgotten, {} keep other sources.",
                 removal.messages,

@@ -28,6 +28,7 @@ pub mod import;
 pub mod inbox;
 pub mod llm_extract;
 pub mod privacy;
+pub mod review;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

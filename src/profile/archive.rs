@@ -451,7 +451,9 @@ impl Profile {
             .iter()
             .map(|v| Ok((v.preference_id, archive.edit(v)?)))
             .collect::<Result<_, ProfileError>>()?;
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for m in &archive.manifest.models {
             super::edits::upsert_model(&tx, m, false)?;
         }
@@ -468,13 +470,13 @@ impl Profile {
             let conv = &c.conversation;
             if keep_ids {
                 tx.execute(
-                    "INSERT INTO conversations (id, title, created, updated) VALUES (?1, ?2, ?3, ?4)",
-                    params![conv.id, conv.title, conv.created, conv.updated],
+                    "INSERT INTO conversations (id, title, created, updated, learning) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![conv.id, conv.title, conv.created, conv.updated, conv.learning],
                 )?;
             } else {
                 tx.execute(
-                    "INSERT INTO conversations (title, created, updated) VALUES (?1, ?2, ?3)",
-                    params![conv.title, conv.created, conv.updated],
+                    "INSERT INTO conversations (title, created, updated, learning) VALUES (?1, ?2, ?3, ?4)",
+                    params![conv.title, conv.created, conv.updated, conv.learning],
                 )?;
             }
             conversation_ids.insert(conv.id, tx.last_insert_rowid());

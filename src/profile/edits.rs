@@ -198,7 +198,9 @@ impl Profile {
         edit: &Edit,
         finished_job: Option<i64>,
     ) -> Result<(), ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if edit.active {
             // One active edit per preference and model: a recomputed edit
             // replaces the old one.
@@ -267,7 +269,9 @@ impl Profile {
 
     /// Removes one edit; its preference stays. Returns it.
     pub fn remove_edit(&mut self, id: &str) -> Result<StoredEdit, ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let edit = tx
             .query_row(
                 &format!("SELECT {EDIT_COLUMNS} FROM edits WHERE id = ?1"),
@@ -365,7 +369,9 @@ impl Profile {
                     })
                     .collect(),
             };
-            let tx = self.conn_mut().transaction()?;
+            let tx = self
+                .conn_mut()
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let id = super::records::insert_preference(&tx, &pref, None, edit.created as i64)?;
             insert_edit(&tx, id, &edit)?;
             tx.commit()?;

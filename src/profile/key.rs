@@ -87,6 +87,38 @@ pub trait PassphraseSource {
     fn passphrase(&self, confirm: bool) -> Result<Zeroizing<String>, ProfileError>;
 }
 
+/// Asks another source once and remembers the answer, so a process that
+/// opens the profile more than once (the daemon: one connection per worker)
+/// asks the user only once. The passphrase is wiped when this is dropped.
+pub struct Remembered<S> {
+    inner: S,
+    answer: std::sync::Mutex<Option<Zeroizing<String>>>,
+}
+
+impl<S: PassphraseSource> Remembered<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            answer: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<S: PassphraseSource> PassphraseSource for Remembered<S> {
+    fn passphrase(&self, confirm: bool) -> Result<Zeroizing<String>, ProfileError> {
+        let mut answer = self
+            .answer
+            .lock()
+            .map_err(|_| ProfileError::Passphrase("the passphrase cache was poisoned".into()))?;
+        if let Some(p) = answer.as_ref() {
+            return Ok(p.clone());
+        }
+        let p = self.inner.passphrase(confirm)?;
+        *answer = Some(p.clone());
+        Ok(p)
+    }
+}
+
 /// `IMPRINT_PASSPHRASE`, else an interactive prompt on the terminal.
 pub struct EnvOrPrompt;
 

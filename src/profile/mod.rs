@@ -33,7 +33,7 @@ use thiserror::Error;
 use zeroize::Zeroizing;
 
 use crate::paths::Paths;
-pub use key::{EnvOrPrompt, KeyChoice, PassphraseSource, Protection};
+pub use key::{EnvOrPrompt, KeyChoice, PassphraseSource, Protection, Remembered};
 pub use records::{
     AuditEntry, ClusterMember, Conversation, Job, JobState, Message, NewPreference, Polarity,
     Preference, PreferenceStatus, Source, SourceRef,
@@ -104,7 +104,7 @@ pub fn now() -> i64 {
 }
 
 /// Writes `bytes` to `path` atomically with mode 0600.
-pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), ProfileError> {
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), ProfileError> {
     let io = |source| ProfileError::Io {
         path: path.to_path_buf(),
         source,
@@ -274,6 +274,10 @@ impl Profile {
                 supported: schema::current_version(),
             });
         }
+        // Several connections share the file (the daemon's server and its
+        // editor worker), so every write transaction in this module begins
+        // IMMEDIATE: a deferred one that reads and then writes would fail at
+        // once with SQLITE_BUSY_SNAPSHOT instead of waiting its turn here.
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(corrupt)?;
         conn.pragma_update(None, "foreign_keys", true)

@@ -145,6 +145,14 @@ pub struct Conversation {
     pub title: String,
     pub created: i64,
     pub updated: i64,
+    /// Whether preferences are captured from this conversation (exports
+    /// written before the flag existed mean yes).
+    #[serde(default = "learning_default")]
+    pub learning: bool,
+}
+
+fn learning_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +204,16 @@ pub struct ConversationRemoval {
     pub preferences_removed: Vec<i64>,
     /// Preferences that lost a source there but keep others.
     pub preferences_kept: Vec<i64>,
+}
+
+fn conversation_row(r: &Row) -> rusqlite::Result<Conversation> {
+    Ok(Conversation {
+        id: r.get(0)?,
+        title: r.get(1)?,
+        created: r.get(2)?,
+        updated: r.get(3)?,
+        learning: r.get(4)?,
+    })
 }
 
 const PREFERENCE_COLUMNS: &str =
@@ -339,7 +357,9 @@ impl Profile {
 
     /// Stores a preference with its source and cluster, in one transaction.
     pub fn add_preference(&mut self, p: &NewPreference) -> Result<i64, ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let id = insert_preference(&tx, p, None, now())?;
         audit_in(
             &tx,
@@ -355,7 +375,9 @@ impl Profile {
     /// to Porto"). The old preference becomes superseded and its edits
     /// inactive, in the same transaction.
     pub fn supersede(&mut self, old_id: i64, new: &NewPreference) -> Result<i64, ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let at = now();
         let changed = tx.execute(
             "UPDATE preferences SET status = 'superseded', updated = ?2 WHERE id = ?1",
@@ -464,7 +486,9 @@ impl Profile {
     /// Approves or rejects a preference (the review queue). Rejecting one
     /// also deactivates its edits.
     pub fn set_status(&mut self, id: i64, status: PreferenceStatus) -> Result<(), ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let changed = tx.execute(
             "UPDATE preferences SET status = ?2, updated = ?3 WHERE id = ?1",
             params![id, status.as_str(), now()],
@@ -495,7 +519,9 @@ impl Profile {
         target: &str,
         cluster: &[ClusterMember],
     ) -> Result<(), ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let changed = tx.execute(
             "UPDATE preferences SET attribute = ?2, target = ?3, updated = ?4 WHERE id = ?1",
             params![id, attribute, target, now()],
@@ -519,7 +545,9 @@ impl Profile {
     /// Removes a preference with its sources, cluster and edits. Returns
     /// the model fingerprints whose adapters must be rebuilt.
     pub fn forget(&mut self, id: i64) -> Result<Vec<String>, ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let models = models_with_active_edits(&tx, &[id])?;
         if tx.execute("DELETE FROM preferences WHERE id = ?1", [id])? == 0 {
             return Err(ProfileError::UnknownPreference(id));
@@ -540,6 +568,29 @@ impl Profile {
             params![title, at],
         )?;
         Ok(self.conn().last_insert_rowid())
+    }
+
+    pub fn conversation(&self, id: i64) -> Result<Conversation, ProfileError> {
+        self.conn()
+            .query_row(
+                "SELECT id, title, created, updated, learning FROM conversations WHERE id = ?1",
+                [id],
+                conversation_row,
+            )
+            .optional()?
+            .ok_or(ProfileError::UnknownConversation(id))
+    }
+
+    /// Turns capture on or off for one conversation.
+    pub fn set_conversation_learning(&self, id: i64, learning: bool) -> Result<(), ProfileError> {
+        let n = self.conn().execute(
+            "UPDATE conversations SET learning = ?2 WHERE id = ?1",
+            params![id, learning],
+        )?;
+        if n == 0 {
+            return Err(ProfileError::UnknownConversation(id));
+        }
+        Ok(())
     }
 
     pub fn rename_conversation(&self, id: i64, title: &str) -> Result<(), ProfileError> {
@@ -580,17 +631,10 @@ impl Profile {
 
     pub fn conversations(&self) -> Result<Vec<Conversation>, ProfileError> {
         let mut stmt = self.conn().prepare(
-            "SELECT id, title, created, updated FROM conversations ORDER BY updated DESC, id DESC",
+            "SELECT id, title, created, updated, learning FROM conversations ORDER BY updated DESC, id DESC",
         )?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(Conversation {
-                    id: r.get(0)?,
-                    title: r.get(1)?,
-                    created: r.get(2)?,
-                    updated: r.get(3)?,
-                })
-            })?
+            .query_map([], conversation_row)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
@@ -623,7 +667,9 @@ impl Profile {
         &mut self,
         id: i64,
     ) -> Result<(ConversationRemoval, Vec<String>), ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let exists: Option<i64> = tx
             .query_row("SELECT id FROM conversations WHERE id = ?1", [id], |r| {
                 r.get(0)
@@ -718,7 +764,9 @@ impl Profile {
 
     /// Takes the oldest queued job and marks it running.
     pub fn claim_job(&mut self) -> Result<Option<Job>, ProfileError> {
-        let tx = self.conn_mut().transaction()?;
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let job = tx
             .query_row(
                 &format!(

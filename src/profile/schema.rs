@@ -133,6 +133,11 @@ CREATE TABLE import_seen (
     at             INTEGER NOT NULL
 );
 "#,
+    // 3: learning can be switched off for one conversation (the daemon's
+    // per-session toggle); its messages are kept but nothing is captured.
+    r#"
+ALTER TABLE conversations ADD COLUMN learning INTEGER NOT NULL DEFAULT 1;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -151,7 +156,7 @@ pub fn migrate(conn: &mut Connection) -> Result<i64, ProfileError> {
         });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
