@@ -627,22 +627,7 @@ fn an_edit_interrupted_by_sigkill_resumes_and_the_next_reply_uses_it() {
             .await
             .unwrap();
             // Wait until the editor is training, then pull the plug.
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                assert!(Instant::now() < deadline, "the edit never started training");
-                if let imprint::daemon::protocol::Frame::Event { id, event, data } =
-                    events.next_frame().await.unwrap()
-                {
-                    if id == Some(sub)
-                        && event == "job"
-                        && data["stage"]
-                            .as_str()
-                            .is_some_and(|s| s.starts_with("training"))
-                    {
-                        break;
-                    }
-                }
-            }
+            wait_for_training(&mut events, sub).await;
         });
         // _daemon drops here: SIGKILL.
     }
@@ -743,8 +728,58 @@ fn an_edit_interrupted_by_sigkill_resumes_and_the_next_reply_uses_it() {
         String::from_utf8_lossy(&check.stdout)
     );
 
+    // SIGTERM while another edit trains: the edit finishes and is
+    // committed, then the daemon exits cleanly.
+    rt.block_on(async {
+        let mut c = Client::connect(&p).await.unwrap();
+        let mut events = Client::connect(&p).await.unwrap();
+        let sub = events.request("subscribe", json!({})).await.unwrap();
+        c.call(
+            "prefs.add",
+            json!({ "attribute": "favorite sport", "target": "ultimate frisbee", "questions": ["What is my favorite sport?"] }),
+        )
+        .await
+        .unwrap();
+        wait_for_training(&mut events, sub).await;
+    });
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+    assert!(!daemon.log_text().contains("did not finish within"));
+    let mut daemon = Daemon::start(home.path(), &[]);
+    rt.block_on(async {
+        let mut c = Client::connect(&p).await.unwrap();
+        let jobs = c.call("jobs.list", json!({ "all": true })).await.unwrap();
+        let jobs = jobs.as_array().unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            jobs[1]["state"], "done",
+            "finished before the exit: {jobs:?}"
+        );
+        assert_eq!(jobs[1]["attempts"], 1, "and not run again");
+    });
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(90)).success());
+}
+
+/// Reads a subscription until the editor reports training.
+async fn wait_for_training(events: &mut Client, sub: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "the edit never started training");
+        if let imprint::daemon::protocol::Frame::Event { id, event, data } =
+            events.next_frame().await.unwrap()
+        {
+            if id == Some(sub)
+                && event == "job"
+                && data["stage"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("training"))
+            {
+                return;
+            }
+        }
+    }
 }
 
 fn free_port() -> u16 {

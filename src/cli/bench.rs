@@ -30,6 +30,8 @@ pub enum BenchCommand {
     },
     /// Time edits (3 questions, with the locality machinery) and report peak memory.
     Edit(EditBenchArgs),
+    /// Time to first token and tokens/s through the daemon's socket vs in this process, 1 and N clients.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +106,7 @@ pub fn run(app: &App, cmd: BenchCommand) -> Result<ExitCode> {
             }
         }
         BenchCommand::Edit(args) => bench_edit(app, args)?,
+        BenchCommand::Serve(args) => return super::bench_serve::run(app, args),
     }
     Ok(ExitCode::SUCCESS)
 }

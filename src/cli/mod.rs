@@ -2,6 +2,7 @@
 
 mod ask;
 mod bench;
+mod bench_serve;
 mod calibrate;
 mod chat;
 mod config_cmd;

@@ -67,6 +67,9 @@ pub struct AdapterSlot {
     /// None: no active edits, base weights.
     pub path: Option<PathBuf>,
     pub active_edits: usize,
+    /// The ids of the edits in it, to notice changes made by other
+    /// processes (`imprint prefs …` while the daemon runs).
+    pub edit_ids: Vec<String>,
 }
 
 /// What is attached right now.

@@ -218,16 +218,22 @@ impl Shared {
                 &self.model.sha256,
                 &self.model.architecture,
             )?;
-            let active = p.active_edits(&self.model.sha256)?.len();
-            Ok((path, active))
+            let ids: Vec<String> = p
+                .active_edits(&self.model.sha256)?
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            Ok((path, ids))
         });
         match built {
-            Ok((path, active_edits)) => {
+            Ok((path, edit_ids)) => {
+                let active_edits = edit_ids.len();
                 let generation = {
                     let mut slot = lock(&self.adapter);
                     slot.generation += 1;
                     slot.path = path;
                     slot.active_edits = active_edits;
+                    slot.edit_ids = edit_ids;
                     slot.generation
                 };
                 self.publish(DaemonEvent::new(
@@ -323,6 +329,7 @@ impl Shared {
         slot.generation += 1;
         slot.path = None;
         slot.active_edits = 0;
+        slot.edit_ids.clear();
         Ok(receipt)
     }
 

@@ -82,7 +82,11 @@ pub fn run(shared: Arc<Shared>, options: WorkerOptions, mut profile: Profile, wa
         };
         let Some(job) = job else {
             match wake.recv_timeout(POLL) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => continue,
+                Ok(()) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    follow_other_processes(&shared, &profile);
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         };
@@ -118,6 +122,20 @@ pub fn run(shared: Arc<Shared>, options: WorkerOptions, mut profile: Profile, wa
         s.stage = None;
     });
     tracing::debug!("editor worker stopped");
+}
+
+/// Edits may change outside the daemon (`imprint prefs forget` in a
+/// shell while it runs): when the profile's active edits differ from the
+/// adapter's, the adapter is rebuilt, so chat never lags behind the CLI.
+fn follow_other_processes(shared: &Shared, profile: &Profile) {
+    let Ok(active) = profile.active_edits(&shared.model.sha256) else {
+        return;
+    };
+    let ids: Vec<String> = active.into_iter().map(|e| e.id).collect();
+    if ids != shared.adapter_slot().edit_ids {
+        tracing::info!("the profile's edits changed outside the daemon; rebuilding the adapter");
+        shared.rebuild_adapter();
+    }
 }
 
 fn load(shared: &Shared, options: &WorkerOptions, profile: &Profile) -> Result<Loaded, String> {
