@@ -141,10 +141,16 @@ impl DaemonEvent {
         )
     }
 
-    pub fn job_stage(id: i64, preference: Option<i64>, stage: &str) -> Self {
+    pub fn job_stage(id: i64, preference: Option<i64>, stage: &str, progress: f64) -> Self {
         Self::new(
             "job",
-            serde_json::json!({ "job": id, "preference": preference, "state": "running", "stage": stage }),
+            serde_json::json!({
+                "job": id,
+                "preference": preference,
+                "state": "running",
+                "stage": stage,
+                "progress": progress,
+            }),
         )
     }
 }

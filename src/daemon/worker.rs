@@ -161,6 +161,23 @@ fn load(shared: &Shared, options: &WorkerOptions, profile: &Profile) -> Result<L
     Ok(Loaded { engine, editor })
 }
 
+/// Roughly how far an edit is at each stage the editor reports, from its
+/// measured time split (training and verification dominate).
+fn stage_progress(stage: &str) -> f64 {
+    let at = [
+        ("collecting reference answers", 0.05),
+        ("collecting anchor answers", 0.15),
+        ("preparing the null-space projector", 0.25),
+        ("preparing the key covariance", 0.3),
+        ("training", 0.35),
+        ("verifying", 0.8),
+    ];
+    at.iter()
+        .find(|(prefix, _)| stage.starts_with(prefix))
+        .map(|(_, p)| *p)
+        .unwrap_or(0.0)
+}
+
 fn run_one(shared: &Shared, profile: &mut Profile, loaded: &mut Loaded, job: &crate::profile::Job) {
     let preference = crate::learn::EditJob::from_job(job)
         .ok()
@@ -180,7 +197,11 @@ fn run_one(shared: &Shared, profile: &mut Profile, loaded: &mut Loaded, job: &cr
         job,
         |stage| {
             shared.set_worker(|s| s.stage = Some(stage.to_string()));
-            shared.publish(DaemonEvent::job_stage(job.id, preference, stage));
+            let progress = stage_progress(stage);
+            // The server's connection records it (the worker's own is busy
+            // inside the job), so `prefs.list` shows it too.
+            let _ = shared.with_profile(|p| p.set_job_progress(job.id, progress));
+            shared.publish(DaemonEvent::job_stage(job.id, preference, stage, progress));
         },
     );
     match result {
