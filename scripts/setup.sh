@@ -22,8 +22,8 @@ fi
 packages=(cmake clang libclang-dev pkg-config libssl-dev python3-pip)
 if [ "${1:-}" = "--test" ]; then
   # The keyring's Secret Service for the profile tests, curl for the HTTP
-  # endpoint tests.
-  packages+=(dbus gnome-keyring curl)
+  # endpoint tests, tmux for the full-screen chat test.
+  packages+=(dbus gnome-keyring curl tmux)
 fi
 
 missing=()

@@ -23,3 +23,4 @@ pub mod learn;
 pub mod models;
 pub mod paths;
 pub mod profile;
+pub mod tui;

@@ -1,5 +1,6 @@
-//! A line-mode chat. The full-screen ratatui client will replace it as
-//! `imprint chat`; this one stays useful over pipes and dumb terminals.
+//! `imprint chat`: the full-screen chat (`imprint::tui`, a client of the
+//! daemon) in a terminal; the line-mode chat below over pipes, in dumb
+//! terminals, with `--line`, or with the options only it has.
 
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -29,6 +30,31 @@ pub struct ChatArgs {
     /// Store nothing: the conversation is not kept in the profile.
     #[arg(long)]
     incognito: bool,
+    /// The line-mode chat, in this process, even in a terminal that could show the full-screen one.
+    #[arg(long)]
+    line: bool,
+}
+
+/// Whether the full-screen chat can run here.
+fn full_screen_possible(args: &ChatArgs) -> bool {
+    use std::io::IsTerminal;
+    let line_only = args.line || args.no_profile || args.system.is_some() || args.greedy;
+    let dumb = std::env::var("TERM").map_or(true, |t| t.is_empty() || t == "dumb");
+    !line_only && !dumb && std::io::stdin().is_terminal() && std::io::stdout().is_terminal()
+}
+
+fn full_screen(app: &App, args: ChatArgs) -> Result<ExitCode> {
+    let mut daemon_args = Vec::new();
+    if let Some(model) = &args.model {
+        daemon_args.extend(["--model".to_string(), model.clone()]);
+    }
+    imprint::tui::run(imprint::tui::ChatOptions {
+        paths: app.paths.clone(),
+        daemon_args,
+        color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        incognito: args.incognito,
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The conversation as stored in the profile (created with the first
@@ -105,6 +131,9 @@ fn capture(
 }
 
 pub fn run(app: &App, args: ChatArgs) -> Result<ExitCode> {
+    if full_screen_possible(&args) {
+        return full_screen(app, args);
+    }
     let gen = &app.config.config.generation;
     let mut engine = super::load_engine(app, args.model.as_deref(), !args.no_profile)?;
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;

@@ -43,7 +43,7 @@ pub struct Cli {
 enum Command {
     /// Ask one question and stream the answer to stdout.
     Ask(ask::AskArgs),
-    /// Chat in the terminal (line mode), with the conversation kept in context.
+    /// Chat in the terminal: full screen through the daemon (started if needed), or line mode (--line, pipes).
     Chat(chat::ChatArgs),
     /// Fetch, add, list and choose models.
     #[command(subcommand)]

@@ -100,11 +100,23 @@ pub async fn serve(
 }
 
 /// What one connection shares between its tasks.
-#[derive(Default)]
 struct Connection {
     greeted: AtomicBool,
     /// Cancel flags of this connection's running `send`s, by request id.
     in_flight: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    /// True once the client stopped sending: subscriptions end then
+    /// (replies in flight still finish).
+    done_reading: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self {
+            greeted: AtomicBool::new(false),
+            in_flight: Mutex::new(HashMap::new()),
+            done_reading: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl Connection {
@@ -211,7 +223,9 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) {
         while handlers.try_join_next().is_some() {}
     }
     // The client stopped sending; what it asked for still gets answered
-    // (unless it is gone altogether, which the writer notices).
+    // (unless it is gone altogether, which the writer notices), but its
+    // subscriptions end.
+    let _ = conn.done_reading.send(true);
     while handlers.join_next().await.is_some() {}
     drop(out);
     let _ = writer.await;
@@ -383,7 +397,7 @@ async fn handle(
         "hello" => hello(&conn, request.params),
         "send" => send(&shared, &conn, id, request.params, &out).await,
         "subscribe" => {
-            subscribe(&shared, id, &out).await;
+            subscribe(&shared, &conn, id, &out).await;
             return;
         }
         "cancel" => cancel(&conn, request.params),
@@ -435,7 +449,13 @@ fn cancel(conn: &Connection, p: Value) -> Result<Value, Fail> {
 }
 
 /// Forwards daemon events to the client until it goes away.
-async fn subscribe(shared: &Arc<Shared>, id: u64, out: &mpsc::UnboundedSender<Frame>) {
+async fn subscribe(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    id: u64,
+    out: &mpsc::UnboundedSender<Frame>,
+) {
+    let mut done_reading = conn.done_reading.subscribe();
     let mut events = shared.subscribe();
     if out
         .send(Frame::result(id, json!({ "subscribed": true })))
@@ -458,6 +478,7 @@ async fn subscribe(shared: &Arc<Shared>, id: u64, out: &mpsc::UnboundedSender<Fr
                 Err(_) => return,
             },
             _ = out.closed() => return,
+            _ = done_reading.wait_for(|done| *done) => return,
             _ = stop.changed() => return,
         }
     }

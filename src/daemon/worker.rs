@@ -38,6 +38,8 @@ pub struct WorkerStatus {
     pub job: Option<i64>,
     pub preference: Option<i64>,
     pub stage: Option<String>,
+    /// 0–1, by stage.
+    pub progress: f64,
     pub jobs_done: u64,
     pub last_error: Option<String>,
 }
@@ -187,6 +189,7 @@ fn run_one(shared: &Shared, profile: &mut Profile, loaded: &mut Loaded, job: &cr
         s.job = Some(job.id);
         s.preference = preference;
         s.stage = None;
+        s.progress = 0.0;
     });
     shared.publish(DaemonEvent::job(job.id, "running", None));
     let started = Instant::now();
@@ -196,8 +199,11 @@ fn run_one(shared: &Shared, profile: &mut Profile, loaded: &mut Loaded, job: &cr
         &mut loaded.editor,
         job,
         |stage| {
-            shared.set_worker(|s| s.stage = Some(stage.to_string()));
             let progress = stage_progress(stage);
+            shared.set_worker(|s| {
+                s.stage = Some(stage.to_string());
+                s.progress = progress;
+            });
             // The server's connection records it (the worker's own is busy
             // inside the job), so `prefs.list` shows it too.
             let _ = shared.with_profile(|p| p.set_job_progress(job.id, progress));
