@@ -114,7 +114,13 @@ pub fn run(app: &App, args: ServeBenchArgs) -> Result<ExitCode> {
     // The daemon: the one running, or one started for the benchmark.
     let started_here = rt.block_on(Client::connect(&app.paths)).is_err();
     let spinner = app.spinner("starting the daemon");
-    let mut client = rt.block_on(Client::connect_or_start(&app.paths, &[]))?;
+    let mut client = rt.block_on(Client::connect_or_start(
+        &app.paths,
+        &[],
+        super::daemon::unlock_for_daemon(app)?
+            .as_deref()
+            .map(String::as_str),
+    ))?;
     spinner.finish_and_clear();
     let status = rt.block_on(client.call("status", json!({})))?;
     let model_path = status["model"]["path"]

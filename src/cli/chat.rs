@@ -48,9 +48,11 @@ fn full_screen(app: &App, args: ChatArgs) -> Result<ExitCode> {
     if let Some(model) = &args.model {
         daemon_args.extend(["--model".to_string(), model.clone()]);
     }
+    let daemon_passphrase = super::daemon::unlock_for_daemon(app)?;
     imprint::tui::run(imprint::tui::ChatOptions {
         paths: app.paths.clone(),
         daemon_args,
+        daemon_passphrase,
         color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         incognito: args.incognito,
     })?;

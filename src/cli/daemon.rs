@@ -167,7 +167,12 @@ fn start(app: &App, args: ServeArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let spinner = app.spinner("starting the daemon (loading the model)");
-    let started = block_on(client::start_in_background(&app.paths, &args.to_args()))?;
+    let passphrase = unlock_for_daemon(app)?;
+    let started = block_on(client::start_in_background(
+        &app.paths,
+        &args.to_args(),
+        passphrase.as_deref().map(String::as_str),
+    ))?;
     spinner.finish_and_clear();
     started?;
     println!(
@@ -176,6 +181,33 @@ fn start(app: &App, args: ServeArgs) -> Result<ExitCode> {
         client::log_file(&app.paths).display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens (or creates) the profile here, where a person can answer a
+/// prompt, before a daemon is started in the background: a daemon has no
+/// terminal to ask for a passphrase on. Returns the passphrase it will
+/// need, when the profile has one and IMPRINT_PASSPHRASE does not give it.
+pub fn unlock_for_daemon(app: &App) -> Result<Option<zeroize::Zeroizing<String>>> {
+    if block_on(Client::connect(&app.paths))?.is_ok() {
+        return Ok(None);
+    }
+    let source = Remembered::new(EnvOrPrompt);
+    let (profile, notice) = imprint::profile::Profile::open_or_create(&app.paths, &source)
+        .with_context(|| {
+            format!(
+                "cannot open the profile in {}",
+                app.paths.data_dir.display()
+            )
+        })?;
+    if let Some(notice) = notice {
+        eprintln!("imprint: {notice}");
+    }
+    let needs = matches!(
+        profile.protection(),
+        imprint::profile::Protection::Passphrase { .. }
+    ) && std::env::var_os("IMPRINT_PASSPHRASE").is_none();
+    drop(profile);
+    Ok(if needs { source.remembered() } else { None })
 }
 
 fn stop(app: &App) -> Result<ExitCode> {

@@ -55,12 +55,18 @@ impl Client {
     }
 
     /// Connects, starting a daemon in the background first when none runs.
-    /// `args`: extra arguments for `imprint daemon run` (e.g. `--model`).
-    pub async fn connect_or_start(paths: &Paths, args: &[String]) -> Result<Self, DaemonError> {
+    /// `args`: extra arguments for `imprint daemon run` (e.g. `--model`);
+    /// `passphrase`: the profile's, when it has one and the daemon (with
+    /// no terminal to ask on) must be given it.
+    pub async fn connect_or_start(
+        paths: &Paths,
+        args: &[String],
+        passphrase: Option<&str>,
+    ) -> Result<Self, DaemonError> {
         if let Ok(client) = Self::connect(paths).await {
             return Ok(client);
         }
-        start_in_background(paths, args).await?;
+        start_in_background(paths, args, passphrase).await?;
         Self::connect(paths).await
     }
 
@@ -199,7 +205,13 @@ impl Client {
 
 /// Starts `imprint daemon run` detached from this terminal (its own
 /// session, output appended to the log file) and waits for its socket.
-pub async fn start_in_background(paths: &Paths, args: &[String]) -> Result<(), DaemonError> {
+/// `passphrase` reaches the daemon through its environment (readable only
+/// by this user), the one way to hand it over without a terminal.
+pub async fn start_in_background(
+    paths: &Paths,
+    args: &[String],
+    passphrase: Option<&str>,
+) -> Result<(), DaemonError> {
     let files = RuntimeFiles::new(paths);
     let log = log_file(paths);
     let io = |path: &Path| {
@@ -224,6 +236,9 @@ pub async fn start_in_background(paths: &Paths, args: &[String]) -> Result<(), D
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
+    if let Some(p) = passphrase {
+        command.env("IMPRINT_PASSPHRASE", p);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt;

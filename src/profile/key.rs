@@ -104,6 +104,13 @@ impl<S: PassphraseSource> Remembered<S> {
     }
 }
 
+impl<S> Remembered<S> {
+    /// The passphrase given, if one was asked for.
+    pub fn remembered(&self) -> Option<Zeroizing<String>> {
+        self.answer.lock().ok().and_then(|a| a.clone())
+    }
+}
+
 impl<S: PassphraseSource> PassphraseSource for Remembered<S> {
     fn passphrase(&self, confirm: bool) -> Result<Zeroizing<String>, ProfileError> {
         let mut answer = self

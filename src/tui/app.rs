@@ -275,6 +275,9 @@ pub struct App {
     pub quit: bool,
     /// Rows the chat pane showed last time (for PgUp/PgDn steps).
     pub chat_rows: usize,
+    /// Rows the whole chat took last time: when it grows while the user
+    /// is scrolled up, the view is moved with it so it stays put.
+    pub chat_total: usize,
 }
 
 impl App {
@@ -299,6 +302,7 @@ impl App {
             color,
             quit: false,
             chat_rows: 10,
+            chat_total: 0,
         }
     }
 

@@ -39,9 +39,14 @@ enum Internal {
 
 /// Starts the link on the current runtime. `start_args`: how to start a
 /// daemon when none runs (e.g. `--model`).
-pub fn spawn(paths: Paths, start_args: Vec<String>, out: Out) -> UnboundedSender<Action> {
+pub fn spawn(
+    paths: Paths,
+    start_args: Vec<String>,
+    passphrase: Option<zeroize::Zeroizing<String>>,
+    out: Out,
+) -> UnboundedSender<Action> {
     let (tx, rx) = unbounded_channel();
-    tokio::spawn(run(paths, start_args, rx, out));
+    tokio::spawn(run(paths, start_args, passphrase, rx, out));
     tx
 }
 
@@ -52,13 +57,15 @@ fn is_disconnect(e: &DaemonError) -> bool {
 async fn run(
     paths: Paths,
     start_args: Vec<String>,
+    passphrase: Option<zeroize::Zeroizing<String>>,
     mut actions: UnboundedReceiver<Action>,
     out: Out,
 ) {
     let mut first = true;
     loop {
         let connected = if first {
-            Client::connect_or_start(&paths, &start_args).await
+            let passphrase = passphrase.as_deref().map(String::as_str);
+            Client::connect_or_start(&paths, &start_args, passphrase).await
         } else {
             Client::connect(&paths).await
         };

@@ -51,6 +51,9 @@ pub struct ChatOptions {
     pub color: bool,
     /// Start in an incognito session.
     pub incognito: bool,
+    /// The profile's passphrase for a daemon started from here (see
+    /// `daemon::client::start_in_background`).
+    pub daemon_passphrase: Option<zeroize::Zeroizing<String>>,
 }
 
 /// Restores the terminal when dropped (normal exit and errors).
@@ -183,6 +186,7 @@ pub fn run(options: ChatOptions) -> std::io::Result<()> {
         link::spawn(
             options.paths.clone(),
             options.daemon_args.clone(),
+            options.daemon_passphrase.clone(),
             daemon_tx,
         )
     };

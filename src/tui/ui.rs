@@ -249,6 +249,11 @@ fn draw_chat(frame: &mut Frame, app: &mut App, st: &Styles, area: Rect) {
     app.chat_rows = rows;
     let lines = chat_lines(&app.chat, width, app.color);
     let total = lines.len();
+    if app.scroll > 0 && total > app.chat_total {
+        // Scrolled up: what the user is reading stays where it is.
+        app.scroll += total - app.chat_total;
+    }
+    app.chat_total = total;
     app.scroll = app.scroll.min(total.saturating_sub(rows));
     let mut block = Block::default()
         .borders(Borders::ALL)
