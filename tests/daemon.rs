@@ -186,7 +186,7 @@ impl Raw {
 fn sessions_replies_and_learning_through_the_socket() {
     let _serial = serial();
     let home = tempfile::tempdir().unwrap();
-    let _daemon = Daemon::start(home.path(), &[]);
+    let mut daemon = Daemon::start(home.path(), &[]);
     let p = paths(home.path());
     let rt = rt();
     rt.block_on(async {
@@ -357,7 +357,78 @@ fn sessions_replies_and_learning_through_the_socket() {
             .collect();
         assert_eq!(titles.len(), 2);
         assert!(titles.contains(&"renamed") && titles.contains(&"secret"));
+
+        // Export, encrypted and plain, then delete everything.
+        let encrypted = home.path().join("export.imprint");
+        let e = c
+            .call(
+                "profile.export",
+                json!({ "path": encrypted, "passphrase": "exp" }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(e["encrypted"], true);
+        let bytes = std::fs::read(&encrypted).unwrap();
+        assert!(bytes.starts_with(b"age-encryption.org/v1"), "an age file");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&encrypted).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let refused = c
+            .call(
+                "profile.export",
+                json!({ "path": encrypted, "passphrase": "exp" }),
+            )
+            .await;
+        assert!(
+            refused.is_err(),
+            "an existing file is not overwritten without force"
+        );
+        let refused = c
+            .call(
+                "profile.export",
+                json!({ "path": "relative.zip", "plain": true }),
+            )
+            .await;
+        assert!(refused.is_err(), "relative paths are refused");
+        let unencrypted = c
+            .call(
+                "profile.export",
+                json!({ "path": home.path().join("plain.zip"), "passphrase": null }),
+            )
+            .await;
+        assert!(
+            unencrypted.is_err(),
+            "no silent plaintext: plain must be asked for"
+        );
+        let plain = home.path().join("plain.zip");
+        c.call("profile.export", json!({ "path": plain, "plain": true }))
+            .await
+            .unwrap();
+        assert!(std::fs::read(&plain).unwrap().starts_with(b"PK"));
+
+        let refused = c.call("profile.delete", json!({})).await;
+        assert!(refused.is_err(), "deletion needs confirm: true");
+        let deleted = c
+            .call("profile.delete", json!({ "confirm": true }))
+            .await
+            .unwrap();
+        assert_eq!(deleted["daemon"], "stopping");
+        assert!(
+            deleted["receipt"]["removed"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty()),
+            "{deleted}"
+        );
     });
+    assert!(
+        daemon.wait_exit(Duration::from_secs(90)).success(),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(!home.path().join("data/profile.db").exists());
+    assert!(!home.path().join("data/profile.key.json").exists());
 }
 
 #[test]

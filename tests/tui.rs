@@ -141,7 +141,7 @@ fn chat_answers_learns_is_approved_and_restores_the_terminal() {
         socket: format!("imprint-test-{}", std::process::id()),
     };
     let command = format!(
-        "env IMPRINT_HOME={} IMPRINT_PASSPHRASE=tui-test TERM=xterm-256color {} chat --model {}; echo EXITED $?; sleep 120",
+        "env IMPRINT_HOME={} IMPRINT_PASSPHRASE=tui-test IMPRINT_DAEMON_GRACE_S=1 TERM=xterm-256color {} chat --model {}; echo EXITED $?; sleep 120",
         shell_quote(&home.path().display().to_string()),
         shell_quote(env!("CARGO_BIN_EXE_imprint")),
         shell_quote(&model.display().to_string()),

@@ -186,6 +186,8 @@ pub struct Shared {
     pub replies_in_flight: AtomicUsize,
     /// Replies stopped early because the client cancelled or hung up.
     pub replies_cancelled: AtomicU64,
+    /// A profile deletion is running: the process must not exit under it.
+    deleting: AtomicBool,
     pub grace: Duration,
 }
 
@@ -316,6 +318,13 @@ impl Shared {
     /// period for an edit in progress), closes both connections, wipes and
     /// removes every file. The daemon stops afterwards.
     pub fn delete_profile(&self) -> Result<crate::profile::delete::DeletionReceipt, DaemonError> {
+        self.deleting.store(true, Ordering::SeqCst);
+        let result = self.delete_profile_inner();
+        self.deleting.store(false, Ordering::SeqCst);
+        result
+    }
+
+    fn delete_profile_inner(&self) -> Result<crate::profile::delete::DeletionReceipt, DaemonError> {
         self.request_stop();
         let deadline = Instant::now() + self.grace;
         while self.worker_status().state != "stopped" && Instant::now() < deadline {
@@ -323,7 +332,7 @@ impl Shared {
         }
         if self.worker_status().state != "stopped" {
             return Err(DaemonError::Model(
-                "the editor worker is still busy; try again when its edit is done".into(),
+                "the editor did not finish its edit in time, so nothing was deleted; the daemon is stopping: start it again and repeat the deletion".into(),
             ));
         }
         if let Some(profile) = lock(&self.profile).take() {
@@ -408,6 +417,7 @@ pub fn run(
         clients: AtomicUsize::new(0),
         replies_in_flight: AtomicUsize::new(0),
         replies_cancelled: AtomicU64::new(0),
+        deleting: AtomicBool::new(false),
         grace: options.grace,
     });
     let _ = shared_tx.send(shared.clone());
@@ -458,6 +468,17 @@ pub fn run(
         let _ = worker.join();
     }
     let _ = inference.join();
+    // A deletion asked for over the socket finishes, and its answer is
+    // sent, before the process exits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waited = false;
+    while shared.deleting.load(Ordering::SeqCst) && Instant::now() < deadline {
+        waited = true;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if waited {
+        std::thread::sleep(Duration::from_millis(300));
+    }
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(&files.socket);
     // Closing the profile checkpoints the WAL.

@@ -127,7 +127,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "job-work-in",
-            r"i (?:currently )?work (?:in|at|for) (.+)",
+            r"i (?:currently |used to )?work(?:ed)? (?:in|at|for) (.+)",
             "job",
             Is,
             0.85,
@@ -297,8 +297,71 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "activity-verb",
-            r"i (?:often |usually |always |regularly |also |sometimes )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed) (.*)",
+            r"i (?:often |usually |always |regularly |also |sometimes |only |mostly |mainly )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed) (.*)",
             "activity",
+            Is,
+            0.6,
+        ),
+        r(
+            "raised-by",
+            r"i was (?:raised|brought up|adopted) by (.+)",
+            "family",
+            Is,
+            0.8,
+        ),
+        r(
+            "graduated",
+            r"i (?:just |recently )?graduated (?:from |with |in )?(.+)",
+            "education",
+            Is,
+            0.85,
+        ),
+        r(
+            "moving",
+            r"i(?:'m| am| will be|'ll be) (?:moving|relocating) to (.+)",
+            "location",
+            Is,
+            0.7,
+        ),
+        r(
+            "career-goal",
+            r"i (?:want|plan|hope|am planning|'m planning|am hoping|'m hoping|am going|'m going) to (?:be|become) (?:a |an )?(.+)",
+            "career goal",
+            Is,
+            0.6,
+        ),
+        r(
+            "heritage",
+            r"i(?:'m| am) of (?:the )?(.+?) (?:faith|religion|descent|heritage|origin)",
+            "background",
+            Is,
+            0.8,
+        ),
+        r(
+            "not-religious",
+            r"i(?:'m| am) not (religious|spiritual|a believer)",
+            "religion",
+            Is,
+            0.8,
+        ),
+        r(
+            "health-have",
+            r"i (?:have|suffer from|live with|was diagnosed with) (?:a |an )?((?:\w+ ){0,2}(?:diabetes|asthma|adhd|autism|anxiety|depression|epilepsy|arthritis|cancer|migraines?|insomnia|dyslexia|ocd|ptsd|disability|illness|disease|syndrome|disorder|hearing loss|back pain|chronic pain)\b.*)",
+            "health condition",
+            Is,
+            0.75,
+        ),
+        r(
+            "used-to",
+            r"i used to (?:be |work as |live in )?(?:a |an |in )?(.+)",
+            "past",
+            Is,
+            0.6,
+        ),
+        r(
+            "go-to",
+            r"i (?:often |usually |always |regularly )?go to (.+)",
+            "routine",
             Is,
             0.6,
         ),
@@ -314,7 +377,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
 
 static HYPOTHETICAL: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)\b(?:if i|if you|i wish|i'd|i would|would i|were i|imagine|suppose|supposing|let's say|let us say|pretend|hypothetically|in a (?:dream|parallel)|someday i might|i might|maybe i|i could see myself|i want to be|i hope to)\b",
+        r"(?i)\b(?:if i|if you|i wish|i'd|i would|would i|were i|imagine|suppose|supposing|let's say|let us say|pretend|hypothetically|in a (?:dream|parallel)|someday i might|i might|maybe i|i could see myself|i hope to|when i grow up)\b",
     )
 });
 static QUESTION_START: LazyLock<Regex> = LazyLock::new(|| {
@@ -595,6 +658,51 @@ mod tests {
         for (text, why) in cases {
             assert_eq!(extract_sentence(text), Err(why), "{text}");
         }
+    }
+
+    #[test]
+    fn life_facts_beyond_likes() {
+        for (sentence, attribute, target) in [
+            (
+                "I was raised by my grandparents.",
+                "family",
+                "my grandparents",
+            ),
+            ("I graduated from Ohio State.", "education", "Ohio State"),
+            (
+                "I'm moving to Berlin in March.",
+                "location",
+                "Berlin in March",
+            ),
+            ("I want to become a nurse.", "career goal", "nurse"),
+            ("I am of the Sikh faith.", "background", "Sikh"),
+            ("I'm not religious.", "religion", "religious"),
+            (
+                "I have type 1 diabetes.",
+                "health condition",
+                "type 1 diabetes",
+            ),
+            ("I used to be a firefighter.", "past", "firefighter"),
+            ("I go to the gym every morning.", "routine", "the gym"),
+            ("I worked at a bakery for years.", "job", "a bakery"),
+            ("I only drink green tea.", "activity", "drink green tea"),
+        ] {
+            let c = one(sentence);
+            assert_eq!(
+                (c.attribute.as_str(), c.target.as_str()),
+                (attribute, target),
+                "{sentence}"
+            );
+        }
+        // Reported speech and childhood dreams are not the user's plans.
+        assert_eq!(
+            extract_sentence("I want to be a pilot when I grow up, said my son."),
+            Err(Skip::Hypothetical)
+        );
+        assert_eq!(
+            extract_sentence("I hope to become a doctor one day."),
+            Err(Skip::Hypothetical)
+        );
     }
 
     #[test]
