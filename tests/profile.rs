@@ -980,10 +980,13 @@ fn an_older_schema_is_migrated_and_keeps_its_data() {
     let db = profile.files().db.clone();
     profile.close().unwrap();
     {
-        // Back to version 1: the table migration 2 adds did not exist.
+        // Back to version 1: without the table migration 2 adds and the
+        // column migration 3 adds.
         let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.execute_batch("DROP TABLE import_seen; PRAGMA user_version = 1;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE import_seen; ALTER TABLE conversations DROP COLUMN learning; PRAGMA user_version = 1;",
+        )
+        .unwrap();
     }
     let profile = Profile::open(&paths, &Fixed("x")).unwrap();
     assert_eq!(profile.schema_version_before(), 1);
@@ -993,6 +996,15 @@ fn an_older_schema_is_migrated_and_keeps_its_data() {
     );
     assert!(profile.mark_imported("abc", "f").unwrap());
     assert!(!profile.mark_imported("abc", "f").unwrap());
+    let conversation = profile.create_conversation("after the upgrade").unwrap();
+    assert!(
+        profile.conversation(conversation).unwrap().learning,
+        "learning is on by default"
+    );
+    profile
+        .set_conversation_learning(conversation, false)
+        .unwrap();
+    assert!(!profile.conversation(conversation).unwrap().learning);
     assert_eq!(profile.preference(id).unwrap().target, "Porto");
     assert_eq!(profile.integrity_check().unwrap(), "ok");
 }
