@@ -136,6 +136,15 @@ fn rand_suffix() -> u64 {
         .as_nanos() as u64
 }
 
+/// Deterministic replies of at most `max_tokens`.
+fn greedy(max_tokens: u32) -> SendOptions {
+    SendOptions {
+        greedy: true,
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -211,11 +220,7 @@ fn sessions_replies_and_learning_through_the_socket() {
             .send(
                 sid,
                 "I live in Porto. What is a good breakfast?",
-                &SendOptions {
-                    greedy: true,
-                    max_tokens: Some(24),
-                    ..Default::default()
-                },
+                &greedy(24),
                 |t| streamed.push_str(t),
             )
             .await
@@ -273,18 +278,9 @@ fn sessions_replies_and_learning_through_the_socket() {
             .await
             .unwrap();
         let qid = quiet["id"].as_i64().unwrap();
-        c.send(
-            qid,
-            "I'm allergic to peanuts.",
-            &SendOptions {
-                greedy: true,
-                max_tokens: Some(8),
-                ..Default::default()
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
+        c.send(qid, "I'm allergic to peanuts.", &greedy(8), |_| {})
+            .await
+            .unwrap();
         // Incognito: answered, never stored, never learned.
         let inc = c
             .call(
@@ -295,29 +291,11 @@ fn sessions_replies_and_learning_through_the_socket() {
             .unwrap();
         let iid = inc["id"].as_i64().unwrap();
         assert!(iid < 0 && inc["incognito"] == true);
-        c.send(
-            iid,
-            "My favorite color is teal.",
-            &SendOptions {
-                greedy: true,
-                max_tokens: Some(8),
-                ..Default::default()
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
+        c.send(iid, "My favorite color is teal.", &greedy(8), |_| {})
+            .await
+            .unwrap();
         let again = c
-            .send(
-                iid,
-                "And what did I just say?",
-                &SendOptions {
-                    greedy: true,
-                    max_tokens: Some(8),
-                    ..Default::default()
-                },
-                |_| {},
-            )
+            .send(iid, "And what did I just say?", &greedy(8), |_| {})
             .await
             .unwrap();
         assert!(
@@ -484,7 +462,7 @@ fn eight_concurrent_clients_get_complete_replies_and_a_hung_up_one_is_cancelled(
                     .send(
                         s["id"].as_i64().unwrap(),
                         q,
-                        &SendOptions { greedy: true, max_tokens: Some(24), ..Default::default() },
+                        &greedy(24),
                         |t| streamed.push_str(t),
                     )
                     .await
@@ -688,11 +666,7 @@ fn an_edit_interrupted_by_sigkill_resumes_and_the_next_reply_uses_it() {
             c.send(
                 s["id"].as_i64().unwrap(),
                 "I live in Porto.",
-                &SendOptions {
-                    greedy: true,
-                    max_tokens: Some(8),
-                    ..Default::default()
-                },
+                &greedy(8),
                 |_| {},
             )
             .await
@@ -755,11 +729,7 @@ fn an_edit_interrupted_by_sigkill_resumes_and_the_next_reply_uses_it() {
             .await
             .unwrap();
         let sid = s["id"].as_i64().unwrap();
-        let opts = SendOptions {
-            greedy: true,
-            max_tokens: Some(16),
-            ..Default::default()
-        };
+        let opts = greedy(16);
         let personal = c.send(sid, question, &opts, |_| {}).await.unwrap();
         assert!(personal.adapter_generation >= 2);
         assert!(

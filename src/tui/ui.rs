@@ -111,16 +111,7 @@ fn draw_sessions(frame: &mut Frame, app: &App, st: &Styles, area: Rect) {
     }
     frame.render_stateful_widget(list, area, &mut state);
     if empty {
-        let inner = Rect {
-            x: area.x + 2,
-            y: area.y + 1,
-            width: area.width.saturating_sub(4),
-            height: 1,
-        };
-        frame.render_widget(
-            Paragraph::new("no chats yet").style(st.fg(Color::DarkGray)),
-            inner,
-        );
+        placeholder(frame, st, area, "no chats yet");
     }
 }
 
@@ -180,17 +171,19 @@ fn draw_prefs(frame: &mut Frame, app: &App, st: &Styles, area: Rect) {
     }
     frame.render_stateful_widget(list, area, &mut state);
     if empty {
-        let inner = Rect {
-            x: area.x + 2,
-            y: area.y + 1,
-            width: area.width.saturating_sub(4),
-            height: 2,
-        };
-        frame.render_widget(
-            Paragraph::new("nothing learned yet").style(st.fg(Color::DarkGray)),
-            inner,
-        );
+        placeholder(frame, st, area, "nothing learned yet");
     }
+}
+
+/// A dim line inside an empty pane's border.
+fn placeholder(frame: &mut Frame, st: &Styles, area: Rect, text: &str) {
+    let inner = Rect {
+        x: area.x + 2,
+        y: area.y + 1,
+        width: area.width.saturating_sub(4),
+        height: area.height.saturating_sub(2).min(1),
+    };
+    frame.render_widget(Paragraph::new(text).style(st.fg(Color::DarkGray)), inner);
 }
 
 /// The chat as wrapped lines, for a pane `width` columns wide.
