@@ -191,6 +191,14 @@ pub fn run(
 
     let (mut statements, mut extracted) = (0, 0);
     if let Some(dir) = prefeval_dir {
+        // PrefEval's own layout keeps the statements one folder down;
+        // accept the dataset folder itself too.
+        let nested = dir.join("explicit_preference");
+        let dir = if nested.is_dir() {
+            nested.as_path()
+        } else {
+            dir
+        };
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|source| DataError::Io {
                 path: dir.to_path_buf(),
