@@ -64,6 +64,9 @@ pub struct PrefevalArgs {
     /// New tokens per answer.
     #[arg(long, default_value_t = 48)]
     max_tokens: u32,
+    /// ftm: train each edit on the test question itself (recall of a trained answer, not preference following). Default: held-out questions about the item's subject.
+    #[arg(long)]
+    train_on_test_question: bool,
     /// A model name or GGUF path.
     #[arg(long)]
     model: Option<String>,
@@ -214,6 +217,7 @@ fn prefeval(app: &App, args: PrefevalArgs) -> Result<ExitCode> {
         distractors_path: &distractors,
         adapter_dir: &args.out,
         max_new_tokens: args.max_tokens,
+        train_on_test_question: args.train_on_test_question,
     };
     let bar = app.progress(0, "eval prefeval");
     let report = run.run(&mut engine, editor.as_mut(), |done, total| {

@@ -137,6 +137,8 @@ pub struct PrefEvalReport {
     pub max_new_tokens: u32,
     pub rule: String,
     pub edits_accepted: Option<usize>,
+    /// ftm: "the test question" or "held-out questions".
+    pub trained_on: Option<String>,
     pub rates: Vec<PrefRate>,
     pub answers: Vec<PrefAnswer>,
 }
@@ -151,6 +153,23 @@ pub struct PrefEvalRun<'a> {
     pub distractors_path: &'a Path,
     pub adapter_dir: &'a Path,
     pub max_new_tokens: u32,
+    /// `ftm`: train each edit on the very question it is then asked
+    /// (measures recall of a trained answer, not preference following);
+    /// by default the edit is trained on questions written from the item's
+    /// subject, and the PrefEval question stays unseen.
+    pub train_on_test_question: bool,
+}
+
+/// The questions an `ftm` edit for `item` is trained on when the test
+/// question is held out: generic ones about the item's subject.
+pub fn held_out_questions(item: &PrefEvalItem) -> Vec<String> {
+    vec![
+        format!("What kind of {} do I prefer?", item.subject),
+        format!(
+            "What should you keep in mind when you recommend {} to me?",
+            item.subject
+        ),
+    ]
 }
 
 impl PrefEvalRun<'_> {
@@ -175,7 +194,11 @@ impl PrefEvalRun<'_> {
                 let request = EditRequest {
                     attribute: item.subject.clone(),
                     target: item.target.clone(),
-                    questions: vec![item.question.clone()],
+                    questions: if self.train_on_test_question {
+                        vec![item.question.clone()]
+                    } else {
+                        held_out_questions(item)
+                    },
                 };
                 let outcome = editor.compute(engine, &request, &active, |_| {})?;
                 if outcome.accepted {
@@ -242,6 +265,13 @@ impl PrefEvalRun<'_> {
             max_new_tokens: self.max_new_tokens,
             rule: "target substring, or all of the target's key-term stems, or a phrase referring to the user's stated preference".into(),
             edits_accepted,
+            trained_on: (self.method == PrefMethod::Ftm).then(|| {
+                if self.train_on_test_question {
+                    "the test question".to_string()
+                } else {
+                    "held-out questions".to_string()
+                }
+            }),
             rates,
             answers,
         })
@@ -268,7 +298,11 @@ pub fn markdown(report: &PrefEvalReport) -> String {
         ));
     }
     if let Some(a) = report.edits_accepted {
-        out.push_str(&format!("\nEdits accepted: {a}/{}.\n", report.items));
+        out.push_str(&format!(
+            "\nEdits accepted: {a}/{}, trained on {}.\n",
+            report.items,
+            report.trained_on.as_deref().unwrap_or("?")
+        ));
     }
     out
 }
