@@ -23,7 +23,19 @@ pub struct Config {
     pub engine: EngineConfig,
     pub generation: GenerationConfig,
     pub learning: LearningConfig,
+    pub editor: EditorConfig,
     pub logging: LoggingConfig,
+}
+
+/// The editor's choices a user may want to change (the rest are per-edit
+/// flags of `imprint edit`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditorConfig {
+    /// How anchor questions keep their answers while an edit trains.
+    pub anchors: crate::editor::AnchorMode,
+    /// Weight of the key-preservation term of `anchors = "keys"`.
+    pub anchor_key_weight: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -39,9 +39,12 @@ pub struct EditBenchArgs {
     /// Edit method.
     #[arg(long, default_value = "ftm")]
     method: imprint::editor::Method,
-    /// FT-M anchor mode (loss, project, both, off).
+    /// FT-M anchor mode (keys, loss, project, both, off).
     #[arg(long)]
     anchors: Option<imprint::editor::AnchorMode>,
+    /// Weight of the key-preservation term (`--anchors keys`).
+    #[arg(long)]
+    anchor_key_weight: Option<f64>,
     /// Timed edits, each computed from scratch on the base model.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -184,6 +187,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
     let EditBenchArgs {
         method,
         anchors,
+        anchor_key_weight,
         runs,
         model,
         layer,
@@ -193,10 +197,16 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
     let model = model.as_deref();
     use imprint::editor::EditorSettings;
     let mut engine = super::load_engine(app, model, false)?;
-    let defaults = EditorSettings::default();
+    let config = &app.config.config.editor;
+    let defaults = EditorSettings {
+        anchors: config.anchors,
+        anchor_key_weight: config.anchor_key_weight,
+        ..EditorSettings::default()
+    };
     let settings = EditorSettings {
         method,
         anchors: anchors.unwrap_or(defaults.anchors),
+        anchor_key_weight: anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
         layer,
         retry: false,
         system_prompt: app.config.config.generation.system_prompt.clone(),
@@ -244,6 +254,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
         "steps": outcomes.iter().map(|o| o.edit.metrics.steps).collect::<Vec<_>>(),
         "efficacy": outcomes.iter().map(|o| format!("{}/{}", o.edit.metrics.efficacy_hits, o.edit.metrics.efficacy_total)).collect::<Vec<_>>(),
         "locality": outcomes.iter().map(|o| format!("{}/{}", o.edit.metrics.locality_kept, o.edit.metrics.locality_total)).collect::<Vec<_>>(),
+        "probe_token_agreement": outcomes.iter().map(|o| o.edit.metrics.token_locality()).collect::<Vec<_>>(),
         "accepted": outcomes.iter().filter(|o| o.accepted).count(),
         "peak_rss_mb": imprint::bench::peak_rss_bytes().map(|b| b as f64 / 1e6),
         "lora_baseline": baseline_step.map(|s| serde_json::json!({
@@ -280,8 +291,13 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
             all.median, all.min, all.max
         );
         println!(
-            "steps {}  efficacy {}  locality {}  accepted {}/{}",
-            report["steps"], report["efficacy"], report["locality"], report["accepted"], runs
+            "steps {}  efficacy {}  locality {} (identical answers; token agreement {})  accepted {}/{}",
+            report["steps"],
+            report["efficacy"],
+            report["locality"],
+            report["probe_token_agreement"],
+            report["accepted"],
+            runs
         );
         if let Some(s) = baseline_step {
             println!(

@@ -75,11 +75,14 @@ struct NewEdit {
     #[arg(long)]
     no_nullspace: bool,
     /// How anchor questions keep their answers: `loss` (a cross-entropy
-    /// term; the default), `project` (their keys are removed from the edit's
-    /// input side: about 3× faster, but larger perplexity changes), `both`,
-    /// or `off`.
+    /// term; the default), `keys` (the edited layer keeps its output on the
+    /// anchors' keys: much faster), `project` (their keys are removed from
+    /// the edit's input side: larger perplexity changes), `both`, or `off`.
     #[arg(long)]
     anchors: Option<AnchorMode>,
+    /// Weight of the key-preservation term of `--anchors keys` (default 100).
+    #[arg(long)]
+    anchor_key_weight: Option<f64>,
     /// A model name or GGUF path.
     #[arg(long)]
     model: Option<String>,
@@ -247,6 +250,9 @@ fn settings_from_args(app: &App, sha: &str, args: &NewEdit) -> Result<EditorSett
             ..defaults.rome.clone()
         },
         anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
+        anchor_key_weight: args
+            .anchor_key_weight
+            .unwrap_or(defaults.anchor_key_weight),
         stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
         l2: args.l2.unwrap_or(defaults.l2),
         min_locality: args.min_locality.unwrap_or(defaults.min_locality),

@@ -21,6 +21,19 @@ pub enum EvalCommand {
     Prefeval(PrefevalArgs),
     /// Preference extraction: precision/recall on UPQA sentences, PrefEval statements, and false positives on written negatives.
     Extract(ExtractArgs),
+    /// Draw several runs' reports into one chart per benchmark (accuracy.png, acknowledgment.png).
+    Chart(ChartArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChartArgs {
+    /// report.json files of `eval upqa` / `eval prefeval` runs, or the
+    /// folders that hold them. Each run becomes one series.
+    #[arg(required = true)]
+    reports: Vec<PathBuf>,
+    /// Folder for the PNG files.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +156,7 @@ pub fn run(app: &App, cmd: EvalCommand) -> Result<ExitCode> {
         EvalCommand::Upqa(args) => upqa(app, args),
         EvalCommand::Locality(args) => locality(app, args),
         EvalCommand::Prefeval(args) => prefeval(app, args),
+        EvalCommand::Chart(args) => chart(args),
         EvalCommand::Extract(args) => {
             let mut engine = if args.llm {
                 Some(super::load_engine(app, args.model.as_deref(), false)?)
@@ -175,7 +189,7 @@ pub fn run(app: &App, cmd: EvalCommand) -> Result<ExitCode> {
             for e in &report.false_positive_examples {
                 md += &format!("- {e}\n");
             }
-            write_report(&args.out, &report, &md)
+            write_report(&args.out, &report, &md, false)
         }
     }
 }
@@ -201,7 +215,7 @@ fn prefeval(app: &App, args: PrefevalArgs) -> Result<ExitCode> {
     let mut editor = if args.method == PrefMethod::Ftm {
         let settings = EditorSettings {
             system_prompt: system_prompt.clone(),
-            ..EditorSettings::default()
+            ..super::prefs::default_settings(app, &sha, imprint::editor::Method::Ftm)?
         };
         Some(super::load_editor(app, &engine, settings)?.1)
     } else {
@@ -225,7 +239,7 @@ fn prefeval(app: &App, args: PrefevalArgs) -> Result<ExitCode> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    write_report(&args.out, &report, &markdown(&report))
+    write_report(&args.out, &report, &markdown(&report), true)
 }
 
 /// The base model's locality snapshot, cached per model, system prompt and
@@ -337,13 +351,13 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
     let system_prompt = app.config.config.generation.system_prompt.clone();
     let mut editor = if args.method.edits() {
+        let method = match args.method {
+            EvalMethod::Rome => imprint::editor::Method::Rome,
+            _ => imprint::editor::Method::Ftm,
+        };
         let settings = EditorSettings {
-            method: match args.method {
-                EvalMethod::Rome => imprint::editor::Method::Rome,
-                _ => imprint::editor::Method::Ftm,
-            },
             system_prompt: system_prompt.clone(),
-            ..EditorSettings::default()
+            ..super::prefs::default_settings(app, &sha, method)?
         };
         Some(Editor::load(
             &engine.options().model_path,
@@ -401,21 +415,57 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    write_report(&args.out, &report, &markdown(&report))
+    write_report(&args.out, &report, &markdown(&report), true)
 }
 
-/// Writes `DIR/report.json` and `DIR/report.md` and prints the Markdown.
+/// Writes `DIR/report.json` and `DIR/report.md` (and, with `chart`, the
+/// run's PNG chart) and prints the Markdown.
 fn write_report(
     out: &std::path::Path,
     report: &impl serde::Serialize,
     md: &str,
+    chart: bool,
 ) -> Result<ExitCode> {
     let json_path = out.join("report.json");
     let md_path = out.join("report.md");
-    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
+    let json = serde_json::to_value(report)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     std::fs::write(&md_path, md).with_context(|| format!("cannot write {}", md_path.display()))?;
     print!("{md}");
-    println!("\nWrote {} and {}.", json_path.display(), md_path.display());
+    let mut written = vec![json_path.clone(), md_path];
+    if chart {
+        written.extend(imprint::eval::charts::chart_reports(&[(json_path, json)], out)?);
+    }
+    let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    println!("\nWrote {}.", names.join(", "));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `imprint eval chart`: one series per report.
+fn chart(args: ChartArgs) -> Result<ExitCode> {
+    let mut reports = Vec::new();
+    for given in &args.reports {
+        let path = if given.is_dir() {
+            given.join("report.json")
+        } else {
+            given.clone()
+        };
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "cannot read {}; give the report.json of an `imprint eval upqa` or `eval prefeval` run, or its folder",
+                path.display()
+            )
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!("{} is not valid JSON; was it cut short?", path.display())
+        })?;
+        reports.push((path, json));
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
+    for path in imprint::eval::charts::chart_reports(&reports, &args.out)? {
+        println!("Wrote {}.", path.display());
+    }
     Ok(ExitCode::SUCCESS)
 }

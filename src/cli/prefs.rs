@@ -113,6 +113,8 @@ pub fn default_settings(app: &App, sha: &str, method: Method) -> Result<EditorSe
             ..defaults.rome.clone()
         },
         system_prompt: app.config.config.generation.system_prompt.clone(),
+        anchors: app.config.config.editor.anchors,
+        anchor_key_weight: app.config.config.editor.anchor_key_weight,
         ..defaults
     })
 }

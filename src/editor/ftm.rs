@@ -45,7 +45,62 @@ pub struct FtmSettings {
     pub stop_loss: f32,
     /// Share of anchor tokens that must keep their argmax before stopping.
     pub min_anchor_agreement: f64,
+    /// Weight of the key-preservation term (see [`AnchorKeys`]).
+    pub anchor_key_weight: f64,
     pub seed: u64,
+}
+
+/// The anchors' MLP keys at the edited layer, for the key-preservation term
+/// ‖ΔW·K₀‖² / ‖W·K₀‖² (MEMIT/AlphaEdit's "preserve the layer's output on
+/// known keys", as a soft penalty). It keeps anchors from changing where the
+/// edit acts, at layer L, instead of running every anchor through the upper
+/// layers at every step the way the cross-entropy anchors do: the step costs
+/// the request's own questions only, whatever the number of anchors.
+pub struct AnchorKeys {
+    /// `[m, n_ff]`: every non-padding anchor position after the prefix all
+    /// anchors share (that prefix is projected out of every edit anyway).
+    pub keys: Tensor,
+    /// ‖W·K₀‖²_F with the layer's own down-projection, so the term is a
+    /// relative change and one weight fits every layer and model.
+    pub base_energy: f32,
+}
+
+impl AnchorKeys {
+    /// Runs `anchors` up to `layer` and keeps their MLP keys.
+    pub fn collect(
+        model: &LlamaModel,
+        anchors: &[TrainSequence],
+        layer: usize,
+    ) -> Result<Option<Self>, EditorError> {
+        if anchors.is_empty() {
+            return Ok(None);
+        }
+        let batch = Batch::new(anchors.iter().map(|s| s.tokens.clone()).collect());
+        let prefix = model.prefix(&batch, layer)?;
+        let (width, shared) = (prefix.width, prefix.shared_len);
+        let rows: Vec<u32> = anchors
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (shared..s.tokens.len()).map(move |p| (i * width + p - shared) as u32))
+            .collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let n_ff = model.config.n_ff;
+        let keys = prefix
+            .keys
+            .reshape((anchors.len() * width, n_ff))?
+            .index_select(&Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu)?, 0)?
+            .contiguous()?;
+        let w_down = model
+            .down_proj(layer)
+            .ok_or_else(|| EditorError::Model(format!("layer {layer} has no down-projection")))?;
+        let base_energy = keys.matmul(&w_down.t()?)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        Ok(Some(Self {
+            keys,
+            base_energy: base_energy.max(f32::MIN_POSITIVE),
+        }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +167,7 @@ pub fn train(
     model: &LlamaModel,
     sequences: &[TrainSequence],
     projector: Option<&Tensor>,
+    anchor_keys: Option<&AnchorKeys>,
     settings: &FtmSettings,
     mut on_step: impl FnMut(usize, f32),
 ) -> Result<FtmResult, EditorError> {
@@ -253,6 +309,16 @@ pub fn train(
         if settings.l2 > 0.0 {
             let norm = bm.as_tensor().matmul(&a_eff)?.sqr()?.sum_all()?;
             loss = (loss + (norm * settings.l2)?)?;
+        }
+        if let Some(anchor) = anchor_keys.filter(|_| settings.anchor_key_weight > 0.0) {
+            let moved = anchor
+                .keys
+                .matmul(&a_eff.t()?)?
+                .matmul(&bm.as_tensor().t()?)?
+                .sqr()?
+                .sum_all()?;
+            let scale = settings.anchor_key_weight / anchor.base_energy as f64;
+            loss = (loss + (moved * scale)?)?;
         }
 
         // Convergence is judged on this step's forward, before updating.

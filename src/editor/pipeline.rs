@@ -13,7 +13,10 @@ use super::model::LlamaModel;
 use super::nullspace;
 use super::prompts::{self, same_attribute};
 use super::rome::{self, subject_position, RomeSettings, SubjectSequence};
-use super::verify::{agreement, answer, contains_target, probe, same_answer};
+use super::verify::{
+    agreement, answer, contains_target, probe, probe_after, same_answer, teacher_forced_argmax,
+    ProbeAnswer,
+};
 use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
 use crate::engine::{ChatMessage, Engine};
 use serde::{Deserialize, Serialize};
@@ -27,6 +30,8 @@ pub struct EditorSettings {
     pub max_steps: usize,
     pub learning_rate: f64,
     pub anchor_weight: f64,
+    /// Weight of the relative key-preservation term ([`AnchorMode::Keys`]).
+    pub anchor_key_weight: f64,
     /// Weight of the ‖ΔW‖² penalty.
     pub l2: f64,
     /// Training stops once every target token is the argmax and the mean
@@ -62,6 +67,7 @@ impl Default for EditorSettings {
             max_steps: 40,
             learning_rate: 5e-2,
             anchor_weight: 1.0,
+            anchor_key_weight: 100.0,
             l2: 0.01,
             stop_loss: 0.2,
             use_nullspace: true,
@@ -88,6 +94,10 @@ pub enum AnchorMode {
     /// Keep the anchors' answers with a cross-entropy term (each step runs
     /// every anchor through the upper layers: about 5× slower).
     Loss,
+    /// Keep the layer's output on the anchors' keys (a soft
+    /// ‖ΔW·K₀‖² penalty, see [`ftm::AnchorKeys`]): the anchors run once, up to
+    /// layer L, and each step costs only the request's own questions.
+    Keys,
     /// Both.
     Both,
     /// No anchors (for experiments).
@@ -101,6 +111,9 @@ impl AnchorMode {
     fn trains(self) -> bool {
         matches!(self, AnchorMode::Loss | AnchorMode::Both)
     }
+    fn keeps_keys(self) -> bool {
+        matches!(self, AnchorMode::Keys)
+    }
 }
 
 impl std::str::FromStr for AnchorMode {
@@ -109,10 +122,11 @@ impl std::str::FromStr for AnchorMode {
         match s.to_ascii_lowercase().as_str() {
             "project" => Ok(Self::Project),
             "loss" => Ok(Self::Loss),
+            "keys" => Ok(Self::Keys),
             "both" => Ok(Self::Both),
             "off" | "none" => Ok(Self::Off),
             other => Err(format!(
-                "unknown anchor mode {other:?}; use project, loss, both or off"
+                "unknown anchor mode {other:?}; use keys, loss, project, both or off"
             )),
         }
     }
@@ -136,6 +150,35 @@ pub struct Editor {
     architecture: String,
     cache_dir: PathBuf,
     pub settings: EditorSettings,
+    /// The answers the gate collected under one set of active edits, kept in
+    /// memory only (they include answers to the user's own questions, which
+    /// must not land unencrypted on disk). An accepted edit leaves the
+    /// answers of the profile it creates here, so the next edit in a row
+    /// (the daemon's worker, a sequential eval) skips the "before" pass.
+    answers_memo: Option<AnswersMemo>,
+}
+
+/// Gate answers under one adapter state.
+struct AnswersMemo {
+    /// Which state: the active edits' ids in order, the system prompt and the
+    /// probe budget.
+    key: String,
+    /// By `memo_entry(question, max_tokens)`.
+    answers: std::collections::HashMap<String, ProbeAnswer>,
+}
+
+fn memo_state(active: &[&Edit], settings: &EditorSettings) -> String {
+    let ids: Vec<&str> = active.iter().map(|e| e.id.as_str()).collect();
+    format!(
+        "{}\u{0}{}\u{0}{}",
+        ids.join(","),
+        settings.system_prompt,
+        settings.probe_tokens
+    )
+}
+
+fn memo_entry(question: &str, max_tokens: u32) -> String {
+    format!("{max_tokens}\u{0}{question}")
 }
 
 impl Editor {
@@ -152,6 +195,7 @@ impl Editor {
             architecture: "llama".into(),
             cache_dir: cache_dir.to_path_buf(),
             settings,
+            answers_memo: None,
         })
     }
 
@@ -375,9 +419,19 @@ impl Editor {
             .into_iter()
             .filter(|p| !same_attribute(&p.attribute, &request.attribute))
             .collect();
+        let memo_before = memo_state(&active_refs, &self.settings);
+        let mut memo = match self.answers_memo.take() {
+            Some(m) if m.key == memo_before => m.answers,
+            _ => Default::default(),
+        };
+        tracing::debug!(remembered = memo.len(), "gate answers before the edit");
+        let probe_tokens = self.settings.probe_tokens;
         let mut probe_before = Vec::new();
         for p in &probes {
-            let before = probe(engine, &sys, &p.question, self.settings.probe_tokens, None)?;
+            let before = match memo.get(&memo_entry(&p.question, probe_tokens)) {
+                Some(known) => known.clone(),
+                None => probe(engine, &sys, &p.question, probe_tokens, None)?,
+            };
             tracing::debug!(question = %p.question, before = %before.text, "probe before");
             probe_before.push(before);
         }
@@ -389,13 +443,34 @@ impl Editor {
             let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
             let working = match other.request.questions.first() {
                 Some(q) => {
-                    contains_target(&answer(engine, &sys, q, budget)?, &other.request.target)
-                        .then_some((q.as_str(), budget))
+                    let entry = memo_entry(q, budget);
+                    let said = match memo.get(&entry) {
+                        Some(known) => known.text.clone(),
+                        None => answer(engine, &sys, q, budget)?,
+                    };
+                    memo.insert(
+                        entry,
+                        ProbeAnswer {
+                            text: said.clone(),
+                            tokens: Vec::new(),
+                            argmax: Vec::new(),
+                        },
+                    );
+                    contains_target(&said, &other.request.target).then_some((q.as_str(), budget))
                 }
                 None => None,
             };
             others_before.push(working);
         }
+        for (p, before) in probes.iter().zip(&probe_before) {
+            memo.insert(memo_entry(&p.question, probe_tokens), before.clone());
+        }
+        // Until an edit is accepted, the profile (and so its answers) stays
+        // as it is.
+        let answers_before = AnswersMemo {
+            key: memo_before,
+            answers: memo,
+        };
 
         let eot = engine.end_of_turn_token() as u32;
         let mut target_tokens: Vec<u32> = engine
@@ -471,6 +546,18 @@ impl Editor {
         } else {
             None
         };
+        let anchor_keys = if method == Method::Ftm && self.settings.anchors.keeps_keys() {
+            let started = Instant::now();
+            let keys = ftm::AnchorKeys::collect(&self.model, &anchors, layer)?;
+            tracing::debug!(
+                anchors = anchors.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "anchor keys collected"
+            );
+            keys
+        } else {
+            None
+        };
         if self.settings.anchors.projects() && !anchors.is_empty() {
             let started = Instant::now();
             let tokens: Vec<Vec<u32>> = anchors.iter().map(|a| a.tokens.clone()).collect();
@@ -498,6 +585,7 @@ impl Editor {
             stop_loss: self.settings.stop_loss,
             l2: self.settings.l2,
             min_anchor_agreement: 0.95,
+            anchor_key_weight: self.settings.anchor_key_weight,
             seed: seed_for(request),
         };
         let mut rome_settings = RomeSettings {
@@ -517,6 +605,7 @@ impl Editor {
                         &self.model,
                         &sequences,
                         projector.as_ref(),
+                        anchor_keys.as_ref(),
                         &ftm_settings,
                         |_, _| {},
                     )?;
@@ -578,17 +667,15 @@ impl Editor {
                 }
                 metrics.answers.push(a);
             }
+            // What the profile with this edit answers, kept for the next edit
+            // if this one is accepted.
+            let mut answers_after = Vec::new();
             for (p, before) in probes.iter().zip(&probe_before) {
-                let after_probe = probe(
-                    engine,
-                    &sys,
-                    &p.question,
-                    self.settings.probe_tokens,
-                    Some(&before.tokens),
-                )?;
+                let after_probe = probe_after(engine, &sys, &p.question, probe_tokens, before)?;
                 let (same, compared) = agreement(&before.argmax, &after_probe.argmax);
                 metrics.probe_tokens_kept += same;
                 metrics.probe_tokens_total += compared;
+                answers_after.push((memo_entry(&p.question, probe_tokens), after_probe.clone()));
                 let (before, after) = (&before.text, after_probe.text);
                 metrics.locality_total += 1;
                 tracing::debug!(question = %p.question, %before, %after, same = same_answer(before, &after), "probe after");
@@ -614,6 +701,14 @@ impl Editor {
                     continue;
                 };
                 let a = answer(engine, &sys, q, budget)?;
+                answers_after.push((
+                    memo_entry(q, budget),
+                    ProbeAnswer {
+                        text: a.clone(),
+                        tokens: Vec::new(),
+                        argmax: Vec::new(),
+                    },
+                ));
                 if !contains_target(&a, &other.request.target) {
                     metrics.broken_edits += 1;
                     metrics.changed_probes.push(format!(
@@ -652,6 +747,23 @@ impl Editor {
                 )),
             };
             let accepted = reason.is_none();
+            if accepted {
+                // Probes the edit moved were compared along the old answer;
+                // as the next edit's "before" they need the argmax along their
+                // own.
+                for (entry, (p, before)) in answers_after.iter_mut().zip(probes.iter().zip(&probe_before)) {
+                    if entry.1.tokens != before.tokens {
+                        entry.1.argmax =
+                            teacher_forced_argmax(engine, &sys, &p.question, &entry.1.tokens)?;
+                    }
+                }
+                let mut with_edit = active_refs.clone();
+                with_edit.push(&edit);
+                self.answers_memo = Some(AnswersMemo {
+                    key: memo_state(&with_edit, &self.settings),
+                    answers: answers_after.into_iter().collect(),
+                });
+            }
             edit.active = accepted;
             edit.rejection = reason.clone();
             if accepted || !self.settings.retry || attempts >= 2 {
@@ -671,10 +783,14 @@ impl Editor {
                 ftm_settings.stop_loss /= 2.0;
             } else {
                 ftm_settings.anchor_weight *= 3.0;
+                ftm_settings.anchor_key_weight *= 3.0;
                 rome_settings.kl_weight *= 4.0;
             }
         };
         let _ = std::fs::remove_file(&candidate);
+        if !outcome.accepted {
+            self.answers_memo = Some(answers_before);
+        }
         engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
         Ok(outcome)
     }

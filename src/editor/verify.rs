@@ -28,6 +28,7 @@ pub fn answer(
 
 /// A greedy answer with its tokens, and the model's teacher-forced argmax
 /// along a reference answer (`reference`, or this answer itself).
+#[derive(Debug, Clone)]
 pub struct ProbeAnswer {
     pub text: String,
     pub tokens: Vec<i32>,
@@ -56,15 +57,35 @@ pub fn probe(
         &mut |_| ControlFlow::Continue(()),
     )?;
     let teacher = reference.unwrap_or(&generation.tokens);
+    let argmax = teacher_forced_argmax(engine, system_prompt, question, teacher)?;
+    Ok(ProbeAnswer {
+        text: generation.text,
+        tokens: generation.tokens,
+        argmax,
+    })
+}
+
+/// The model's argmax at every position of `reference` fed in after the
+/// templated `question`: one batched decode, no sampling loop.
+pub fn teacher_forced_argmax(
+    engine: &mut Engine,
+    system_prompt: &str,
+    question: &str,
+    reference: &[i32],
+) -> Result<Vec<i32>, EngineError> {
+    let messages = [
+        ChatMessage::system(system_prompt),
+        ChatMessage::user(question),
+    ];
     let mut tokens: Vec<i32> = engine
         .tokenize(&engine.render(&messages)?)
         .iter()
         .map(|t| t.0)
         .collect();
     let prompt_len = tokens.len();
-    tokens.extend_from_slice(teacher);
+    tokens.extend_from_slice(reference);
     let logits = engine.logits_all(&tokens[..tokens.len().saturating_sub(1)])?;
-    let argmax = logits
+    Ok(logits
         .iter()
         .skip(prompt_len.saturating_sub(1))
         .map(|row| {
@@ -73,7 +94,37 @@ pub fn probe(
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map_or(0, |(i, _)| i as i32)
         })
-        .collect();
+        .collect())
+}
+
+/// [`probe`] after an edit, against the answer `before` it. The argmax along
+/// the old answer comes first; when it agrees at every position the greedy
+/// answer cannot have changed (greedy decoding follows exactly that argmax),
+/// so it is not generated again. Only the probes the edit moved pay for a
+/// sampling loop, which is where verification spent most of its time.
+pub fn probe_after(
+    engine: &mut Engine,
+    system_prompt: &str,
+    question: &str,
+    max_tokens: u32,
+    before: &ProbeAnswer,
+) -> Result<ProbeAnswer, EngineError> {
+    let argmax = teacher_forced_argmax(engine, system_prompt, question, &before.tokens)?;
+    if argmax == before.argmax {
+        return Ok(ProbeAnswer {
+            text: before.text.clone(),
+            tokens: before.tokens.clone(),
+            argmax,
+        });
+    }
+    let generation = engine.chat(
+        &[
+            ChatMessage::system(system_prompt),
+            ChatMessage::user(question),
+        ],
+        &GenerationParams::greedy(max_tokens),
+        &mut |_| ControlFlow::Continue(()),
+    )?;
     Ok(ProbeAnswer {
         text: generation.text,
         tokens: generation.tokens,

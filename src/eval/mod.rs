@@ -7,9 +7,12 @@
 //!   turns.
 //! - [`extract`]: `imprint eval extract`, the preference extractors against
 //!   UPQA sentences, PrefEval statements and written negatives.
+//! - [`charts`]: PNG charts of the reports (accuracy by question type,
+//!   acknowledgment vs turns).
 //! - [`locality`]: unrelated answers, general knowledge and perplexity,
 //!   before and after edits.
 
+pub mod charts;
 pub mod extract;
 pub mod locality;
 pub mod prefeval;
