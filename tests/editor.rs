@@ -87,6 +87,23 @@ fn edits_change_the_answer_through_llama_cpp_and_compose() {
     e2.active = true;
     eprintln!("city edit: answers {:?}", e2.metrics.answers);
 
+    // The second edit's gate reused the answers the first edit's gate left
+    // behind; a fresh editor collects them from scratch and must judge the
+    // edit exactly the same way.
+    let fresh = editor_fresh_verdict(&mut engine, &city, &e1);
+    let m2 = &second.edit.metrics;
+    assert_eq!(
+        (
+            m2.locality_kept,
+            m2.probe_tokens_kept,
+            m2.probe_tokens_total,
+            m2.hijacked,
+            m2.broken_edits
+        ),
+        fresh,
+        "remembered and fresh gate answers disagree"
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let both = dir.path().join("both.gguf");
     write_adapter(&[&e1, &e2], "llama", "x", &both).unwrap();
@@ -124,6 +141,71 @@ fn edits_change_the_answer_through_llama_cpp_and_compose() {
     assert_eq!(
         answer(&mut engine, SYSTEM, "Which city do I live in?", 16).unwrap(),
         base_city
+    );
+}
+
+/// The gate's locality numbers for `request` on top of `active`, from an
+/// editor that remembers nothing.
+fn editor_fresh_verdict(
+    engine: &mut imprint::engine::Engine,
+    request: &EditRequest,
+    active: &imprint::editor::Edit,
+) -> (usize, usize, usize, usize, usize) {
+    let outcome = editor()
+        .compute(engine, request, std::slice::from_ref(active), |_| {})
+        .unwrap();
+    let m = outcome.edit.metrics;
+    (
+        m.locality_kept,
+        m.probe_tokens_kept,
+        m.probe_tokens_total,
+        m.hijacked,
+        m.broken_edits,
+    )
+}
+
+/// The gate skips regenerating a probe whose teacher-forced argmax did not
+/// move; that shortcut must give what full regeneration gives.
+#[test]
+fn skipping_unmoved_probes_matches_full_regeneration() {
+    use imprint::editor::verify::{probe, probe_after};
+    let mut engine = common::engine();
+    let mut editor = editor();
+    let hobby = request(
+        "hobby",
+        "Dancing at clubs",
+        &["What's my hobby?", "What's my favorite pastime?"],
+    );
+    let outcome = editor.compute(&mut engine, &hobby, &[], |_| {}).unwrap();
+    let questions = [
+        "What is 2 plus 2?",
+        "Name a primary color.",
+        "What's my favorite color?",
+        "What do I do on weekends?",
+        "Tell me a fact about octopuses.",
+        "Which language am I learning?",
+    ];
+    let before: Vec<_> = questions
+        .iter()
+        .map(|q| probe(&mut engine, SYSTEM, q, 16, None).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("hobby.gguf");
+    write_adapter(&[&outcome.edit], "llama", "x", &adapter).unwrap();
+    engine.set_adapter(Some(&adapter)).unwrap();
+    let mut skipped = 0;
+    for (q, b) in questions.iter().zip(&before) {
+        let full = probe(&mut engine, SYSTEM, q, 16, Some(&b.tokens)).unwrap();
+        let quick = probe_after(&mut engine, SYSTEM, q, 16, b).unwrap();
+        assert_eq!(quick.text, full.text, "{q}");
+        assert_eq!(quick.argmax, full.argmax, "{q}");
+        if full.argmax == b.argmax {
+            skipped += 1;
+        }
+    }
+    eprintln!(
+        "{skipped}/{} probes needed no regeneration",
+        questions.len()
     );
 }
 

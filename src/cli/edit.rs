@@ -250,9 +250,7 @@ fn settings_from_args(app: &App, sha: &str, args: &NewEdit) -> Result<EditorSett
             ..defaults.rome.clone()
         },
         anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
-        anchor_key_weight: args
-            .anchor_key_weight
-            .unwrap_or(defaults.anchor_key_weight),
+        anchor_key_weight: args.anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
         stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
         l2: args.l2.unwrap_or(defaults.l2),
         min_locality: args.min_locality.unwrap_or(defaults.min_locality),

@@ -21,7 +21,7 @@ pub enum EvalCommand {
     Prefeval(PrefevalArgs),
     /// Preference extraction: precision/recall on UPQA sentences, PrefEval statements, and false positives on written negatives.
     Extract(ExtractArgs),
-    /// Draw several runs' reports into one chart per benchmark (accuracy.png, acknowledgment.png).
+    /// Draw several runs' reports into one chart per benchmark (accuracy.png, acknowledgment.png) and one table (summary.md).
     Chart(ChartArgs),
 }
 
@@ -435,7 +435,10 @@ fn write_report(
     print!("{md}");
     let mut written = vec![json_path.clone(), md_path];
     if chart {
-        written.extend(imprint::eval::charts::chart_reports(&[(json_path, json)], out)?);
+        written.extend(imprint::eval::charts::chart_reports(
+            &[(json_path, json)],
+            out,
+        )?);
     }
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     println!("\nWrote {}.", names.join(", "));
@@ -457,9 +460,8 @@ fn chart(args: ChartArgs) -> Result<ExitCode> {
                 path.display()
             )
         })?;
-        let json: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-            format!("{} is not valid JSON; was it cut short?", path.display())
-        })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON; was it cut short?", path.display()))?;
         reports.push((path, json));
     }
     std::fs::create_dir_all(&args.out)
@@ -467,5 +469,21 @@ fn chart(args: ChartArgs) -> Result<ExitCode> {
     for path in imprint::eval::charts::chart_reports(&reports, &args.out)? {
         println!("Wrote {}.", path.display());
     }
+    // Rows are named after the run folders.
+    let named: Vec<(String, serde_json::Value)> = reports
+        .into_iter()
+        .map(|(path, json)| {
+            let name = path.parent().and_then(|p| p.file_name()).map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            (name, json)
+        })
+        .collect();
+    let md = imprint::eval::charts::summary_markdown(&named);
+    let summary = args.out.join("summary.md");
+    std::fs::write(&summary, &md).with_context(|| format!("cannot write {}", summary.display()))?;
+    print!("{md}");
+    println!("Wrote {}.", summary.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -81,7 +81,9 @@ impl AnchorKeys {
         let rows: Vec<u32> = anchors
             .iter()
             .enumerate()
-            .flat_map(|(i, s)| (shared..s.tokens.len()).map(move |p| (i * width + p - shared) as u32))
+            .flat_map(|(i, s)| {
+                (shared..s.tokens.len()).map(move |p| (i * width + p - shared) as u32)
+            })
             .collect();
         if rows.is_empty() {
             return Ok(None);
@@ -90,12 +92,19 @@ impl AnchorKeys {
         let keys = prefix
             .keys
             .reshape((anchors.len() * width, n_ff))?
-            .index_select(&Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu)?, 0)?
+            .index_select(
+                &Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu)?,
+                0,
+            )?
             .contiguous()?;
         let w_down = model
             .down_proj(layer)
             .ok_or_else(|| EditorError::Model(format!("layer {layer} has no down-projection")))?;
-        let base_energy = keys.matmul(&w_down.t()?)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        let base_energy = keys
+            .matmul(&w_down.t()?)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         Ok(Some(Self {
             keys,
             base_energy: base_energy.max(f32::MIN_POSITIVE),

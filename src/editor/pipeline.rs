@@ -751,7 +751,10 @@ impl Editor {
                 // Probes the edit moved were compared along the old answer;
                 // as the next edit's "before" they need the argmax along their
                 // own.
-                for (entry, (p, before)) in answers_after.iter_mut().zip(probes.iter().zip(&probe_before)) {
+                for (entry, (p, before)) in answers_after
+                    .iter_mut()
+                    .zip(probes.iter().zip(&probe_before))
+                {
                     if entry.1.tokens != before.tokens {
                         entry.1.argmax =
                             teacher_forced_argmax(engine, &sys, &p.question, &entry.1.tokens)?;

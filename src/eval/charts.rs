@@ -123,7 +123,9 @@ pub fn series_from_report(path: &Path, json: &Value) -> Result<ReportSeries, Cha
                 let total = r.get("total").and_then(Value::as_u64);
                 match (turns, hits, total) {
                     (Some(t), Some(h), Some(n)) => Ok((t as usize, h as f64 / n.max(1) as f64)),
-                    _ => Err(not_report("a rate lacks \"turns\", \"acknowledged\" or \"total\"")),
+                    _ => Err(not_report(
+                        "a rate lacks \"turns\", \"acknowledged\" or \"total\"",
+                    )),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -197,8 +199,8 @@ pub fn accuracy_chart(
     // Group names under the axis, centred on each group.
     for (g, kind) in kinds.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
-        let style = TextStyle::from((FAMILY, 16).into_font())
-            .pos(plotters::style::text_anchor::Pos::new(
+        let style =
+            TextStyle::from((FAMILY, 16).into_font()).pos(plotters::style::text_anchor::Pos::new(
                 plotters::style::text_anchor::HPos::Center,
                 plotters::style::text_anchor::VPos::Top,
             ));
@@ -261,9 +263,15 @@ pub fn acknowledgment_chart(
             .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))
             .map_err(|e| err(e.to_string()))?
             .label(s.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3))
+            });
         chart
-            .draw_series(points.into_iter().map(|p| Circle::new(p, 4, colour.filled())))
+            .draw_series(
+                points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, colour.filled())),
+            )
             .map_err(|e| err(e.to_string()))?;
     }
     chart
@@ -280,10 +288,7 @@ pub fn acknowledgment_chart(
 /// The charts of several reports, written into `out`: `accuracy.png` when
 /// any report is a UPQA one, `acknowledgment.png` when any is a PrefEval
 /// one. Returns the files written.
-pub fn chart_reports(
-    reports: &[(PathBuf, Value)],
-    out: &Path,
-) -> Result<Vec<PathBuf>, ChartError> {
+pub fn chart_reports(reports: &[(PathBuf, Value)], out: &Path) -> Result<Vec<PathBuf>, ChartError> {
     let mut accuracy = Vec::new();
     let mut acknowledgment = Vec::new();
     for (path, json) in reports {
@@ -311,6 +316,115 @@ pub fn chart_reports(
         return Err(ChartError::Empty("no reports given".into()));
     }
     Ok(written)
+}
+
+/// The reports side by side as Markdown tables, one row per run: UPQA
+/// accuracy (with edits accepted and the profile's locality when measured)
+/// and PrefEval acknowledgment per turn count. `names` label the rows (the
+/// run folders).
+pub fn summary_markdown(reports: &[(String, Value)]) -> String {
+    let pct = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.1} %", v * 100.0));
+    let mut upqa = Vec::new();
+    let mut pref = Vec::new();
+    for (name, json) in reports {
+        if json.get("scores").is_some() {
+            upqa.push((name, json));
+        } else if json.get("rates").is_some() {
+            pref.push((name, json));
+        }
+    }
+    let mut md = String::new();
+    if !upqa.is_empty() {
+        md += "| run | method | mode, k | items | explicit | paraphrased | implicit | product | edits accepted | unrelated answers unchanged | their tokens | factual before → after | perplexity |\n";
+        md += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+        for (name, j) in upqa {
+            let score = |kind: &str| {
+                j["scores"].as_array().and_then(|s| {
+                    s.iter()
+                        .find(|x| x["kind"] == kind)
+                        .and_then(|x| x["accuracy"].as_f64())
+                })
+            };
+            let items = j["items"].as_u64().unwrap_or(0);
+            let accepted = j["edits_accepted"]
+                .as_u64()
+                .map_or("–".to_string(), |a| format!("{a}/{items}"));
+            let loc = &j["locality"];
+            let ratio = |a: &str, b: &str| match (loc[a].as_f64(), loc[b].as_f64()) {
+                (Some(x), Some(n)) if n > 0.0 => Some(x / n),
+                _ => None,
+            };
+            let factual = match (
+                loc["knowledge_before"].as_u64(),
+                loc["knowledge_after"].as_u64(),
+            ) {
+                (Some(b), Some(a)) => format!("{b} → {a}"),
+                _ => "–".into(),
+            };
+            let ppl = match (
+                loc["perplexity_before"].as_f64(),
+                loc["perplexity_after"].as_f64(),
+            ) {
+                (Some(b), Some(a)) if b > 0.0 => format!("{:+.2} %", (a / b - 1.0) * 100.0),
+                _ => "–".into(),
+            };
+            md += &format!(
+                "| {name} | {} | {}, {} | {items} | {} | {} | {} | {} | {accepted} | {} | {} | {factual} | {ppl} |\n",
+                j["method"].as_str().unwrap_or("?"),
+                j["mode"].as_str().unwrap_or("?"),
+                j["cluster_size"].as_u64().unwrap_or(0),
+                pct(score("explicit")),
+                pct(score("paraphrased")),
+                pct(score("implicit")),
+                pct(score("product")),
+                pct(ratio("unrelated_unchanged", "unrelated_total")),
+                pct(ratio("tokens_same", "tokens_total")),
+            );
+        }
+    }
+    if !pref.is_empty() {
+        let mut turns: Vec<u64> = pref
+            .iter()
+            .flat_map(|(_, j)| {
+                j["rates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["turns"].as_u64())
+            })
+            .collect();
+        turns.sort_unstable();
+        turns.dedup();
+        if !md.is_empty() {
+            md += "\n";
+        }
+        md += "| run | method | items |";
+        for t in &turns {
+            md += &format!(" {t} turns |");
+        }
+        md += "\n| --- | --- | --- |";
+        md += &" --- |".repeat(turns.len());
+        md += "\n";
+        for (name, j) in pref {
+            md += &format!(
+                "| {name} | {} | {} |",
+                j["method"].as_str().unwrap_or("?"),
+                j["items"].as_u64().unwrap_or(0)
+            );
+            for t in &turns {
+                let cell = j["rates"]
+                    .as_array()
+                    .and_then(|r| r.iter().find(|r| r["turns"].as_u64() == Some(*t)))
+                    .and_then(|r| Some((r["acknowledged"].as_u64()?, r["total"].as_u64()?)))
+                    .map_or("–".to_string(), |(a, n)| {
+                        format!("{a}/{n} ({:.0} %)", a as f64 * 100.0 / n.max(1) as f64)
+                    });
+                md += &format!(" {cell} |");
+            }
+            md += "\n";
+        }
+    }
+    md
 }
 
 #[cfg(test)]
@@ -379,6 +493,26 @@ mod tests {
     }
 
     #[test]
+    fn summary_puts_each_run_on_a_row() {
+        let mut ftm = upqa("ftm", 0.5, 0.25);
+        ftm["items"] = json!(10);
+        ftm["edits_accepted"] = json!(7);
+        ftm["locality"] = json!({"unrelated_unchanged": 50, "unrelated_total": 100,
+            "tokens_same": 95, "tokens_total": 100, "knowledge_before": 58,
+            "knowledge_after": 55, "perplexity_before": 20.0, "perplexity_after": 20.2});
+        let pref = json!({"method": "prompt", "items": 4, "rates": [
+            {"turns": 0, "acknowledged": 3, "total": 4},
+            {"turns": 2, "acknowledged": 1, "total": 4},
+        ]});
+        let md = summary_markdown(&[("a".into(), ftm), ("b".into(), pref)]);
+        assert!(md.contains("| a | ftm | sequential, 3 | 10 | 50.0 % | – | 25.0 % | – | 7/10 | 50.0 % | 95.0 % | 58 → 55 | +1.00 % |"), "{md}");
+        assert!(
+            md.contains("| b | prompt | 4 | 3/4 (75 %) | 1/4 (25 %) |"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn bar_heights_follow_the_scores() {
         let dir = tempfile::tempdir().unwrap();
         let reports = vec![
@@ -409,7 +543,10 @@ mod tests {
         };
         let reports = vec![
             (PathBuf::from("a"), line("ftm", &[(0, 9), (2, 8), (4, 8)])),
-            (PathBuf::from("b"), line("prompt", &[(0, 10), (2, 3), (4, 1)])),
+            (
+                PathBuf::from("b"),
+                line("prompt", &[(0, 10), (2, 3), (4, 1)]),
+            ),
         ];
         let written = chart_reports(&reports, dir.path()).unwrap();
         assert_eq!(written, vec![dir.path().join("acknowledgment.png")]);
