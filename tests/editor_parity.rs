@@ -93,9 +93,8 @@ fn llama3_style_gguf(dir: &std::path::Path, layers: usize, with_freqs: bool) -> 
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (k, v) in metadata.iter_mut() {
-        match k.as_str() {
-            "llama.block_count" => *v = gguf_file::Value::U32(layers as u32),
-            _ => {}
+        if k == "llama.block_count" {
+            *v = gguf_file::Value::U32(layers as u32);
         }
     }
     let mut tensors: Vec<(String, QTensor)> = Vec::new();

@@ -83,6 +83,12 @@ impl Default for EditorSettings {
     }
 }
 
+/// With `AnchorMode::Keys`, how many of the profile's active preferences
+/// (the most recent) keep their answers through the cross-entropy term as
+/// well; every one of them is in the key term. Bounds the step's cost
+/// however large the profile grows.
+pub const LOSS_ANCHORS_FROM_PROFILE: usize = 16;
+
 /// How anchors keep their answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,7 +102,11 @@ pub enum AnchorMode {
     Loss,
     /// Keep the layer's output on the anchors' keys (a soft
     /// ‖ΔW·K₀‖² penalty, see [`ftm::AnchorKeys`]): the anchors run once, up to
-    /// layer L, and each step costs only the request's own questions.
+    /// layer L, and each step costs only the request's own questions — plus
+    /// the questions of the most recent active preferences
+    /// ([`LOSS_ANCHORS_FROM_PROFILE`]), whose answers are kept exactly with
+    /// cross-entropy: an earlier edit's answer is fragile, and a small
+    /// relative change of the layer's output breaks it.
     Keys,
     /// Both.
     Both,
@@ -315,7 +325,7 @@ impl Editor {
         request: &EditRequest,
         active: &[Edit],
         target_tokens: &[u32],
-    ) -> Result<Vec<TrainSequence>, EditorError> {
+    ) -> Result<(Vec<TrainSequence>, usize), EditorError> {
         let sys = &self.settings.system_prompt;
         let eot = *target_tokens.last().unwrap_or(&0);
         let mut questions: Vec<String> = prompts::general_anchors()
@@ -338,6 +348,7 @@ impl Editor {
             let answer: Vec<u32> = gen.tokens.iter().map(|&t| t as u32).collect();
             anchors.push(self.sequence(engine, &question, &answer, false)?);
         }
+        let shipped = anchors.len();
         for other in active
             .iter()
             .filter(|e| !same_attribute(&e.request.attribute, &request.attribute))
@@ -352,7 +363,7 @@ impl Editor {
                 anchors.push(self.sequence(engine, q, &answer, false)?);
             }
         }
-        Ok(anchors)
+        Ok((anchors, shipped))
     }
 
     /// Times the paper's LoRA baseline (rank 8 on q/v of every layer) on
@@ -485,12 +496,18 @@ impl Editor {
             sequences.push(self.sequence(engine, q, &target_tokens, true)?);
         }
         let mut anchors = Vec::new();
+        let mut shipped_anchors = 0;
         if method == Method::Ftm && self.settings.anchors != AnchorMode::Off {
             progress("collecting anchor answers");
-            anchors = self.anchor_sequences(engine, request, active, &target_tokens)?;
+            (anchors, shipped_anchors) =
+                self.anchor_sequences(engine, request, active, &target_tokens)?;
         }
         if self.settings.anchors.trains() {
             sequences.extend(anchors.iter().cloned());
+        } else if self.settings.anchors.keeps_keys() {
+            let from_profile = &anchors[shipped_anchors..];
+            let recent = from_profile.len().saturating_sub(LOSS_ANCHORS_FROM_PROFILE);
+            sequences.extend(from_profile[recent..].iter().cloned());
         }
 
         let dir = self.cache_dir.join("nullspace");
@@ -577,7 +594,7 @@ impl Editor {
             rank: self.settings.rank,
             max_steps: self.settings.max_steps,
             learning_rate: self.settings.learning_rate,
-            anchor_weight: if self.settings.anchors.trains() {
+            anchor_weight: if self.settings.anchors.trains() || self.settings.anchors.keeps_keys() {
                 self.settings.anchor_weight
             } else {
                 0.0

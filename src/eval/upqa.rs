@@ -193,6 +193,14 @@ pub struct ItemResult {
     pub edit_accepted: Option<bool>,
     pub edit_seconds: Option<f64>,
     pub edit_locality: Option<String>,
+    /// Why the gate refused the edit (after its retry), when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit_rejection: Option<String>,
+    /// Adam steps and training seconds of the edit (last attempt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit_steps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit_train_seconds: Option<f64>,
     pub questions: Vec<QuestionResult>,
 }
 
@@ -385,6 +393,9 @@ impl UpqaRun<'_> {
                 edit_accepted: None,
                 edit_seconds: None,
                 edit_locality: None,
+                edit_rejection: None,
+                edit_steps: None,
+                edit_train_seconds: None,
                 questions: Vec::new(),
             })
             .collect();
@@ -451,6 +462,9 @@ impl UpqaRun<'_> {
                         "{}/{}",
                         outcome.edit.metrics.locality_kept, outcome.edit.metrics.locality_total
                     ));
+                    r.edit_rejection = outcome.reason.clone();
+                    r.edit_steps = Some(outcome.edit.metrics.steps);
+                    r.edit_train_seconds = Some(outcome.edit.metrics.train_seconds);
                     if self.mode == EvalMode::Single {
                         let edits: Vec<&Edit> = if outcome.accepted {
                             vec![&outcome.edit]
