@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(HOME)/.cache/imprint/target
 export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/release/imprint
 
-.PHONY: run test setup build model lint fmt
+.PHONY: run test setup build model lint fmt results results-quick
 
 run: setup build model
 	$(BIN) chat
@@ -23,6 +23,14 @@ build:
 
 model: build
 	$(BIN) model pull
+
+# Re-measure the evaluation tables and charts of docs/RESULTS.md (long: about
+# an hour on 2 cores; results-quick runs one UPQA item per attribute type).
+results: build model
+	IMPRINT_BIN=$(BIN) bash scripts/results.sh
+
+results-quick: build model
+	IMPRINT_BIN=$(BIN) bash scripts/results.sh --items 10 --prefeval-items 10
 
 lint:
 	cargo fmt --check

@@ -74,13 +74,16 @@ struct NewEdit {
     /// Skip the null-space projection (worse locality; for experiments).
     #[arg(long)]
     no_nullspace: bool,
-    /// How anchor questions keep their answers: `loss` (a cross-entropy
-    /// term; the default), `keys` (the edited layer keeps its output on the
-    /// anchors' keys: much faster), `project` (their keys are removed from
-    /// the edit's input side: larger perplexity changes), `both`, or `off`.
+    /// How anchor questions keep their answers (default: `[editor] anchors`
+    /// in the config, "keys"): `keys` (the edited layer keeps its output on
+    /// the anchors' keys; the most recent preferences keep their answers by
+    /// cross-entropy), `loss` (cross-entropy on every anchor: several times
+    /// slower), `project` (their keys are removed from the edit's input
+    /// side), `both`, or `off`.
     #[arg(long)]
     anchors: Option<AnchorMode>,
-    /// Weight of the key-preservation term of `--anchors keys` (default 100).
+    /// Weight of the key-preservation term of `--anchors keys` (default:
+    /// `[editor] anchor_key_weight`, 100).
     #[arg(long)]
     anchor_key_weight: Option<f64>,
     /// A model name or GGUF path.

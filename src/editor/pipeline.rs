@@ -71,7 +71,7 @@ impl Default for EditorSettings {
             l2: 0.01,
             stop_loss: 0.2,
             use_nullspace: true,
-            anchors: AnchorMode::Loss,
+            anchors: AnchorMode::Keys,
             min_locality: 0.9,
             probe_tokens: 16,
             anchor_tokens: 6,
