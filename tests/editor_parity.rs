@@ -20,58 +20,90 @@ fn argmax(v: &[f32]) -> usize {
         .unwrap_or(0)
 }
 
-#[test]
-fn candle_forward_agrees_with_llama_cpp_on_chat_prompts() {
-    let mut engine = common::engine();
-    let model = LlamaModel::load(&common::model_path()).unwrap();
-    let prompts = [
-        "What's my hobby?",
-        "What is the capital of France?",
-        "Write a haiku about autumn leaves.",
-        "How do I make a cup of green tea?",
-        "Which programming language should I learn first, and why?",
-        "Recommend a good book for a long flight.",
-    ];
+/// How candle's forward over `ours` and llama.cpp's over `theirs` agree on
+/// chat-templated `prompts`, position by position.
+struct Parity {
+    positions: usize,
+    top1: f64,
+    max_abs_diff: f32,
+    /// Mean KL(llama.cpp ‖ candle).
+    mean_kl: f64,
+}
+
+fn parity(ours: &std::path::Path, theirs: &std::path::Path, prompts: &[&str]) -> Parity {
+    let mut options = imprint::engine::EngineOptions::new(theirs);
+    options.n_gpu_layers = 0;
+    options.context_size = 1024;
+    let mut engine = imprint::engine::Engine::load(options).unwrap();
+    let model = LlamaModel::load(ours).unwrap();
     let (mut agree, mut total, mut max_diff, mut kl_sum) = (0usize, 0usize, 0f32, 0f64);
     for p in prompts {
         let messages = vec![
             ChatMessage::system("You are a helpful assistant."),
-            ChatMessage::user(p),
+            ChatMessage::user(*p),
         ];
         let tokens: Vec<i32> = engine
             .tokenize(&engine.render(&messages).unwrap())
             .iter()
             .map(|t| t.0)
             .collect();
-        let ours = model
+        let a_all = model
             .logits(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>())
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        let theirs = engine.logits_all(&tokens).unwrap();
-        for (a, b) in ours.iter().zip(&theirs) {
+        let b_all = engine.logits_all(&tokens).unwrap();
+        for (a, b) in a_all.iter().zip(&b_all) {
             total += 1;
             agree += usize::from(argmax(a) == argmax(b));
             for (x, y) in a.iter().zip(b) {
                 max_diff = max_diff.max((x - y).abs());
             }
-            let (la, lb) = (log_softmax(b), log_softmax(a));
-            kl_sum += la
+            let (lb, la) = (log_softmax(b), log_softmax(a));
+            kl_sum += lb
                 .iter()
-                .zip(&lb)
+                .zip(&la)
                 .map(|(p, q)| p.exp() * (p - q))
                 .sum::<f64>();
         }
     }
-    let agreement = agree as f64 / total as f64;
-    let mean_kl = kl_sum / total as f64;
-    eprintln!(
-        "parity over {total} positions: top-1 agreement {:.2}%, max |Δlogit| {max_diff:.3}, mean KL(llama.cpp‖candle) {mean_kl:.5}",
-        agreement * 100.0
+    Parity {
+        positions: total,
+        top1: agree as f64 / total.max(1) as f64,
+        max_abs_diff: max_diff,
+        mean_kl: kl_sum / total.max(1) as f64,
+    }
+}
+
+#[test]
+fn candle_forward_agrees_with_llama_cpp_on_chat_prompts() {
+    let model = common::model_path();
+    let p = parity(
+        &model,
+        &model,
+        &[
+            "What's my hobby?",
+            "What is the capital of France?",
+            "Write a haiku about autumn leaves.",
+            "How do I make a cup of green tea?",
+            "Which programming language should I learn first, and why?",
+            "Recommend a good book for a long flight.",
+        ],
     );
-    assert!(total >= 100, "too few positions compared: {total}");
-    assert!(agreement >= 0.99, "top-1 agreement {agreement:.4} < 0.99");
-    assert!(mean_kl < 0.05, "mean KL {mean_kl}");
+    eprintln!(
+        "parity over {} positions: top-1 agreement {:.2}%, max |Δlogit| {:.3}, mean KL(llama.cpp‖candle) {:.5}",
+        p.positions,
+        p.top1 * 100.0,
+        p.max_abs_diff,
+        p.mean_kl
+    );
+    assert!(
+        p.positions >= 100,
+        "too few positions compared: {}",
+        p.positions
+    );
+    assert!(p.top1 >= 0.99, "top-1 agreement {:.4} < 0.99", p.top1);
+    assert!(p.mean_kl < 0.05, "mean KL {}", p.mean_kl);
 }
 
 /// Writes a Llama-3-style variant of the default model: its first `layers`
@@ -168,55 +200,23 @@ fn llama3_style_gguf(dir: &std::path::Path, layers: usize, with_freqs: bool) -> 
     path
 }
 
-/// (top-1 agreement, mean KL) of candle on `ours` against llama.cpp on
-/// `theirs` over chat prompts.
-fn agreement(ours: &std::path::Path, theirs: &std::path::Path) -> (f64, f64, usize) {
-    let mut options = imprint::engine::EngineOptions::new(theirs);
-    options.n_gpu_layers = 0;
-    options.context_size = 1024;
-    let mut engine = imprint::engine::Engine::load(options).unwrap();
-    let model = LlamaModel::load(ours).unwrap();
-    let (mut agree, mut total, mut kl_sum) = (0usize, 0usize, 0f64);
-    for p in [
-        "What's my hobby?",
-        "Write a haiku about autumn leaves.",
-        "Which programming language should I learn first, and why? Explain in detail, with examples of projects a beginner could build in the first month.",
-    ] {
-        let messages = vec![
-            ChatMessage::system("You are a helpful assistant."),
-            ChatMessage::user(p),
-        ];
-        let tokens: Vec<i32> = engine
-            .tokenize(&engine.render(&messages).unwrap())
-            .iter()
-            .map(|t| t.0)
-            .collect();
-        let a_all = model
-            .logits(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>())
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let b_all = engine.logits_all(&tokens).unwrap();
-        for (a, b) in a_all.iter().zip(&b_all) {
-            total += 1;
-            agree += usize::from(argmax(a) == argmax(b));
-            let (lb, la) = (log_softmax(b), log_softmax(a));
-            kl_sum += lb
-                .iter()
-                .zip(&la)
-                .map(|(p, q)| p.exp() * (p - q))
-                .sum::<f64>();
-        }
-    }
-    (agree as f64 / total as f64, kl_sum / total as f64, total)
-}
+const LLAMA3_PROMPTS: [&str; 3] = [
+    "What's my hobby?",
+    "Write a haiku about autumn leaves.",
+    "Which programming language should I learn first, and why? Explain in detail, with examples of projects a beginner could build in the first month.",
+];
 
 #[test]
 fn llama3_features_untied_output_and_rope_freqs_agree_with_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
     let with = llama3_style_gguf(dir.path(), 30, true);
     let without = llama3_style_gguf(dir.path(), 30, false);
-    let (top1, kl, n) = agreement(&with, &with);
+    let Parity {
+        positions: n,
+        top1,
+        mean_kl: kl,
+        ..
+    } = parity(&with, &with, &LLAMA3_PROMPTS);
     eprintln!(
         "llama3-style parity over {n} positions: top-1 {:.2}%, mean KL {kl:.5}",
         top1 * 100.0
@@ -230,7 +230,8 @@ fn llama3_features_untied_output_and_rope_freqs_agree_with_llama_cpp() {
     // Sensitivity: candle without the frequency factors, against llama.cpp
     // with them, must be visibly worse, or the check above proves nothing
     // about rope_freqs.
-    let (top1_wrong, kl_wrong, _) = agreement(&without, &with);
+    let wrong = parity(&without, &with, &LLAMA3_PROMPTS);
+    let (top1_wrong, kl_wrong) = (wrong.top1, wrong.mean_kl);
     eprintln!(
         "ignoring rope_freqs: top-1 {:.2}%, mean KL {kl_wrong:.5}",
         top1_wrong * 100.0

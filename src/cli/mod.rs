@@ -145,10 +145,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 fn init_tracing(verbose: u8, llama_logs: bool) {
     use tracing_subscriber::EnvFilter;
+    // llama.cpp's own lines arrive under the target "llama-cpp-2" (the
+    // bindings' crate name, dashes and all), not the module path.
     let default = match (verbose, llama_logs) {
-        (0, false) => "warn,llama_cpp_2=off",
-        (0, true) => "warn,llama_cpp_2=info",
-        (1, _) => "info,llama_cpp_2=warn",
+        (0, false) => "warn,llama-cpp-2=off,llama_cpp_2=off",
+        (0, true) => "warn,llama-cpp-2=info,llama_cpp_2=info",
+        (1, _) => "info,llama-cpp-2=warn,llama_cpp_2=warn",
         _ => "debug",
     };
     let filter = std::env::var("IMPRINT_LOG")

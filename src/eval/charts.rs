@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -139,6 +140,24 @@ pub fn series_from_report(path: &Path, json: &Value) -> Result<ReportSeries, Cha
     ))
 }
 
+type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws the legend and writes the PNG.
+fn finish(
+    mut chart: Chart<'_>,
+    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FAMILY, 15))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
 /// Grouped bars: one group per question type, one bar per series.
 pub fn accuracy_chart(
     path: &Path,
@@ -207,15 +226,7 @@ pub fn accuracy_chart(
         root.draw(&Text::new(kind.clone(), (x, y + 8), style))
             .map_err(|e| err(e.to_string()))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FAMILY, 15))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    root.present().map_err(|e| err(e.to_string()))
+    finish(chart, &root).map_err(err)
 }
 
 /// Acknowledgment rate (%) against distractor turns, one line per series.
@@ -274,15 +285,7 @@ pub fn acknowledgment_chart(
             )
             .map_err(|e| err(e.to_string()))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FAMILY, 15))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    root.present().map_err(|e| err(e.to_string()))
+    finish(chart, &root).map_err(err)
 }
 
 /// The charts of several reports, written into `out`: `accuracy.png` when
