@@ -135,4 +135,27 @@ fn config_show_names_where_each_value_comes_from() {
     assert!(String::from_utf8(out.stderr)
         .unwrap()
         .contains("context_sise"));
+
+    // The editor's anchor mode is a choice among names, checked on load.
+    std::fs::remove_file(config_dir.join("config.toml")).unwrap();
+    let out = imprint(home.path())
+        .args(["config", "show"])
+        .env("IMPRINT_EDITOR_ANCHORS", "loss")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("anchors = \"loss\"    # environment variable IMPRINT_EDITOR_ANCHORS"));
+    let out = imprint(home.path())
+        .args(["config", "show"])
+        .env("IMPRINT_EDITOR_ANCHORS", "fast")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("editor.anchors") && err.contains("keys") && err.contains("fast"),
+        "{err}"
+    );
 }

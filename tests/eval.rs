@@ -59,6 +59,7 @@ fn eval(method: &str, extra: &[&str]) -> serde_json::Value {
         md.contains("| method | explicit | paraphrased | implicit | product |"),
         "{md}"
     );
+    assert_png(&out.join("accuracy.png"));
     serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
 
@@ -195,6 +196,58 @@ fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
     assert_eq!(report["answers"].as_array().unwrap().len(), 4);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| turns | acknowledged |"), "{md}");
+    assert_png(&out.join("acknowledgment.png"));
+
+    // Several runs into one chart and one table: this run twice, under two
+    // folder names.
+    let copy = home.path().join("second-run");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(out.join("report.json"), copy.join("report.json")).unwrap();
+    let charts = home.path().join("charts");
+    let status = imprint()
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "chart"])
+        .arg(&out)
+        .arg(&copy)
+        .arg("--out")
+        .arg(&charts)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_png(&charts.join("acknowledgment.png"));
+    let summary = std::fs::read_to_string(charts.join("summary.md")).unwrap();
+    assert_eq!(summary.matches("| prompt-turn |").count(), 2, "{summary}");
+    assert!(summary.contains("| second-run |"), "{summary}");
+    // A file that is no report is refused by name, and nothing is drawn.
+    std::fs::write(copy.join("report.json"), "{\"hello\": 1}").unwrap();
+    let status = imprint()
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "chart"])
+        .arg(&copy)
+        .arg("--out")
+        .arg(home.path().join("charts2"))
+        .output()
+        .unwrap();
+    assert_eq!(status.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("second-run/report.json"), "{err}");
+}
+
+/// A PNG file of plausible size (the chart tests in `eval::charts` check
+/// what is drawn).
+fn assert_png(path: &std::path::Path) {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("{} was not written: {e}", path.display()));
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    assert!(
+        bytes.len() > 5_000,
+        "{} is suspiciously small",
+        path.display()
+    );
 }
 
 #[test]
