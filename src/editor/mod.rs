@@ -140,8 +140,9 @@ pub struct EditMetrics {
     /// edit's target: an edit fires where it should not. The gate allows none.
     #[serde(default)]
     pub hijacked: usize,
-    /// Earlier active edits whose first question answered their target
-    /// before this edit and no longer does. The gate allows none.
+    /// Questions of earlier active edits that answered their target before
+    /// this edit and no longer do (every question of every earlier edit is
+    /// checked). The gate allows none.
     #[serde(default)]
     pub broken_edits: usize,
     pub final_loss: f32,

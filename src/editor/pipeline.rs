@@ -14,8 +14,8 @@ use super::nullspace;
 use super::prompts::{self, same_attribute};
 use super::rome::{self, subject_position, RomeSettings, SubjectSequence};
 use super::verify::{
-    agreement, answer, contains_target, probe, probe_after, same_answer, teacher_forced_argmax,
-    ProbeAnswer,
+    agreement, answer, answer_for_target, contains_target, probe, probe_after, same_answer,
+    teacher_forced_argmax, ProbeAnswer,
 };
 use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
 use crate::engine::{ChatMessage, Engine};
@@ -185,6 +185,15 @@ fn memo_state(active: &[&Edit], settings: &EditorSettings) -> String {
         settings.system_prompt,
         settings.probe_tokens
     )
+}
+
+/// A question of an earlier active edit that answers its target before the
+/// new edit, and must still do so after it.
+struct OtherQuestion<'a> {
+    question: &'a str,
+    target: &'a str,
+    target_tokens: Vec<i32>,
+    budget: u32,
 }
 
 fn memo_entry(question: &str, max_tokens: u32) -> String {
@@ -447,31 +456,43 @@ impl Editor {
             probe_before.push(before);
         }
 
-        // Which earlier edits work now: a new edit must not break them.
-        // (question, answer budget) of each earlier edit that works now.
-        let mut others_before: Vec<Option<(&str, u32)>> = Vec::new();
+        // Which questions of earlier edits answer their targets now: a new
+        // edit must not break any of them (not only each one's first
+        // question: an edit that keeps "What's my hobby?" but loses "Which
+        // hobby do I have?" is broken too).
+        let mut others_before: Vec<OtherQuestion> = Vec::new();
         for other in active {
-            let budget = engine.tokenize_plain(&other.request.target).len() as u32 + 8;
-            let working = match other.request.questions.first() {
-                Some(q) => {
-                    let entry = memo_entry(q, budget);
-                    let said = match memo.get(&entry) {
-                        Some(known) => known.text.clone(),
-                        None => answer(engine, &sys, q, budget)?,
-                    };
-                    memo.insert(
-                        entry,
-                        ProbeAnswer {
-                            text: said.clone(),
-                            tokens: Vec::new(),
-                            argmax: Vec::new(),
-                        },
-                    );
-                    contains_target(&said, &other.request.target).then_some((q.as_str(), budget))
+            let target = other.request.target.trim();
+            let target_tokens = engine.tokenize_plain(target);
+            let budget = target_tokens.len() as u32 + 8;
+            for q in other
+                .request
+                .questions
+                .iter()
+                .filter(|q| !q.trim().is_empty())
+            {
+                let entry = memo_entry(q, budget);
+                let said = match memo.get(&entry) {
+                    Some(known) => known.text.clone(),
+                    None => answer_for_target(engine, &sys, q, target, &target_tokens, budget)?,
+                };
+                memo.insert(
+                    entry,
+                    ProbeAnswer {
+                        text: said.clone(),
+                        tokens: Vec::new(),
+                        argmax: Vec::new(),
+                    },
+                );
+                if contains_target(&said, target) {
+                    others_before.push(OtherQuestion {
+                        question: q.as_str(),
+                        target,
+                        target_tokens: target_tokens.clone(),
+                        budget,
+                    });
                 }
-                None => None,
-            };
-            others_before.push(working);
+            }
         }
         for (p, before) in probes.iter().zip(&probe_before) {
             memo.insert(memo_entry(&p.question, probe_tokens), before.clone());
@@ -713,25 +734,30 @@ impl Editor {
                         .push(format!("{} → {}", p.question, after.trim()));
                 }
             }
-            for (other, working) in active.iter().zip(&others_before) {
-                let Some((q, budget)) = *working else {
-                    continue;
-                };
-                let a = answer(engine, &sys, q, budget)?;
+            for other in &others_before {
+                let a = answer_for_target(
+                    engine,
+                    &sys,
+                    other.question,
+                    other.target,
+                    &other.target_tokens,
+                    other.budget,
+                )?;
                 answers_after.push((
-                    memo_entry(q, budget),
+                    memo_entry(other.question, other.budget),
                     ProbeAnswer {
                         text: a.clone(),
                         tokens: Vec::new(),
                         argmax: Vec::new(),
                     },
                 ));
-                if !contains_target(&a, &other.request.target) {
+                if !contains_target(&a, other.target) {
                     metrics.broken_edits += 1;
                     metrics.changed_probes.push(format!(
-                        "{q} → {} (was {:?})",
+                        "{} → {} (was {:?})",
+                        other.question,
                         a.trim(),
-                        other.request.target
+                        other.target
                     ));
                 }
             }
@@ -749,7 +775,7 @@ impl Editor {
                     edit.metrics.efficacy_hits, edit.metrics.efficacy_total
                 )),
                 (true, false) if edit.metrics.broken_edits > 0 => Some(format!(
-                    "it broke {} earlier preference(s): their questions no longer answer their targets",
+                    "{} question(s) of earlier preferences no longer answer their targets",
                     edit.metrics.broken_edits
                 )),
                 (true, false) if edit.metrics.hijacked > 0 => Some(format!(

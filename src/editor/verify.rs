@@ -132,6 +132,30 @@ pub fn probe_after(
     })
 }
 
+/// The answer to `question` as far as the gate needs it: whether it
+/// contains `target`. When the argmax along `target_tokens` (the edit's own
+/// tokenization of its target) right after the question is exactly those
+/// tokens, greedy decoding writes the target first, and the answer is
+/// reported as the target itself without generating; otherwise the greedy
+/// answer (up to `max_tokens`) is generated and returned as it is. One
+/// batched decode instead of a sampling loop for every earlier preference
+/// that still works, which is most of them.
+pub fn answer_for_target(
+    engine: &mut Engine,
+    system_prompt: &str,
+    question: &str,
+    target: &str,
+    target_tokens: &[i32],
+    max_tokens: u32,
+) -> Result<String, EngineError> {
+    if !target_tokens.is_empty()
+        && teacher_forced_argmax(engine, system_prompt, question, target_tokens)? == target_tokens
+    {
+        return Ok(target.to_string());
+    }
+    answer(engine, system_prompt, question, max_tokens)
+}
+
 /// Positions where two teacher-forced argmax sequences agree, and how many
 /// were compared.
 pub fn agreement(before: &[i32], after: &[i32]) -> (usize, usize) {
