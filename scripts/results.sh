@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the evaluation tables and charts of docs/RESULTS.md:
 #
-#   scripts/results.sh [--items N] [--prefeval-items N] [--out DIR]
+#   scripts/results.sh [--items N] [--prefeval-items N] [--out DIR] [--reuse]
 #
 # It runs the standard evaluation set on the default model (UPQA: none,
 # prompt, rag and ftm sequential with k = 3; PrefEval: none, prompt,
@@ -11,21 +11,26 @@
 # with that table. Charts land in docs/charts/.
 #
 # It is long: on 2 CPU cores the 100-item sequential FT-M run alone takes
-# about an hour. `--items 10` (one item per UPQA attribute type, `--every
-# 10`) takes about 20 minutes in all. The benchmark data is read in place
+# about an hour, and PrefEval's long multi-turn prompts about as long again.
+# `--items 10` (one item per UPQA attribute type, `--every 10`) makes the
+# UPQA part about 15 minutes. `--reuse` keeps every run whose report.json
+# is already in the output folder (an interrupted run resumes; tables and
+# charts are redrawn from what is there). The benchmark data is read in place
 # from ../shared/data (its licence forbids copying it into the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 items=100
 pref_items=20
+reuse=0
 out="${TMPDIR:-/tmp}/imprint-results"
 while [ $# -gt 0 ]; do
   case "$1" in
     --items) items="$2"; shift 2 ;;
     --prefeval-items) pref_items="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --reuse) reuse=1; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -54,17 +59,19 @@ for method in none prompt rag ftm; do
   dir="$out/upqa-$method"
   extra=()
   if [ "$method" = ftm ]; then extra=(--mode sequential --cluster-size 3); fi
+  runs+=("$dir")
+  if [ "$reuse" = 1 ] && [ -f "$dir/report.json" ]; then echo "== reusing $dir"; continue; fi
   echo "== eval upqa --method $method ($items items) → $dir"
   "$imprint" eval upqa --data "$upqa" --clusters "$clusters" --method "$method" \
     --every "$every" --limit "$items" "${extra[@]}" --out "$dir" >/dev/null
-  runs+=("$dir")
 done
 for method in none prompt prompt-turn ftm; do
   dir="$out/prefeval-$method"
+  runs+=("$dir")
+  if [ "$reuse" = 1 ] && [ -f "$dir/report.json" ]; then echo "== reusing $dir"; continue; fi
   echo "== eval prefeval --method $method ($pref_items items) → $dir"
   "$imprint" eval prefeval --data "$prefeval" --method "$method" \
     --limit "$pref_items" --out "$dir" >/dev/null
-  runs+=("$dir")
 done
 
 mkdir -p docs/charts

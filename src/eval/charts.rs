@@ -91,7 +91,8 @@ pub fn series_from_report(path: &Path, json: &Value) -> Result<ReportSeries, Cha
         .ok_or_else(|| not_report("it has no \"method\""))?;
     if let Some(scores) = json.get("scores").and_then(Value::as_array) {
         let mut label = method.to_string();
-        if let Some(mode) = json.get("mode").and_then(Value::as_str) {
+        let edits = json.get("edits_accepted").is_some_and(|e| !e.is_null());
+        if let Some(mode) = json.get("mode").and_then(Value::as_str).filter(|_| edits) {
             label.push_str(&format!(" ({mode}"));
             if let Some(k) = json.get("cluster_size").and_then(Value::as_u64) {
                 label.push_str(&format!(", k={k}"));
@@ -371,11 +372,18 @@ pub fn summary_markdown(reports: &[(String, Value)]) -> String {
                 (Some(b), Some(a)) if b > 0.0 => format!("{:+.2} %", (a / b - 1.0) * 100.0),
                 _ => "–".into(),
             };
+            // Mode and cluster size only mean something for edit methods.
+            let mode = match j["edits_accepted"].as_u64() {
+                Some(_) => format!(
+                    "{}, {}",
+                    j["mode"].as_str().unwrap_or("?"),
+                    j["cluster_size"].as_u64().unwrap_or(0)
+                ),
+                None => "–".into(),
+            };
             md += &format!(
-                "| {name} | {} | {}, {} | {items} | {} | {} | {} | {} | {accepted} | {} | {} | {factual} | {ppl} |\n",
+                "| {name} | {} | {mode} | {items} | {} | {} | {} | {} | {accepted} | {} | {} | {factual} | {ppl} |\n",
                 j["method"].as_str().unwrap_or("?"),
-                j["mode"].as_str().unwrap_or("?"),
-                j["cluster_size"].as_u64().unwrap_or(0),
                 pct(score("explicit")),
                 pct(score("paraphrased")),
                 pct(score("implicit")),
@@ -451,7 +459,8 @@ mod tests {
     }
 
     fn upqa(method: &str, explicit: f64, implicit: f64) -> Value {
-        json!({"method": method, "mode": "sequential", "cluster_size": 3, "scores": [
+        let accepted = (method == "ftm").then_some(1);
+        json!({"method": method, "mode": "sequential", "cluster_size": 3, "edits_accepted": accepted, "scores": [
             {"kind": "explicit", "accuracy": explicit, "f1": 0.0, "n": 10},
             {"kind": "implicit", "accuracy": implicit, "f1": 0.0, "n": 10},
         ]})
@@ -497,6 +506,7 @@ mod tests {
 
     #[test]
     fn summary_puts_each_run_on_a_row() {
+        let none = upqa("none", 0.0, 0.0);
         let mut ftm = upqa("ftm", 0.5, 0.25);
         ftm["items"] = json!(10);
         ftm["edits_accepted"] = json!(7);
@@ -507,7 +517,8 @@ mod tests {
             {"turns": 0, "acknowledged": 3, "total": 4},
             {"turns": 2, "acknowledged": 1, "total": 4},
         ]});
-        let md = summary_markdown(&[("a".into(), ftm), ("b".into(), pref)]);
+        let md = summary_markdown(&[("a".into(), ftm), ("b".into(), pref), ("c".into(), none)]);
+        assert!(md.contains("| c | none | – |"), "{md}");
         assert!(md.contains("| a | ftm | sequential, 3 | 10 | 50.0 % | – | 25.0 % | – | 7/10 | 50.0 % | 95.0 % | 58 → 55 | +1.00 % |"), "{md}");
         assert!(
             md.contains("| b | prompt | 4 | 3/4 (75 %) | 1/4 (25 %) |"),
