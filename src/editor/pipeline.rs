@@ -106,7 +106,9 @@ pub enum AnchorMode {
     /// the questions of the most recent active preferences
     /// ([`LOSS_ANCHORS_FROM_PROFILE`]), whose answers are kept exactly with
     /// cross-entropy: an earlier edit's answer is fragile, and a small
-    /// relative change of the layer's output breaks it.
+    /// relative change of the layer's output breaks it. When the gate
+    /// refuses the first attempt, the retry trains as [`AnchorMode::Loss`]
+    /// would on its first attempt.
     Keys,
     /// Both.
     Both,
@@ -584,7 +586,7 @@ impl Editor {
         } else {
             None
         };
-        let anchor_keys = if method == Method::Ftm && self.settings.anchors.keeps_keys() {
+        let mut anchor_keys = if method == Method::Ftm && self.settings.anchors.keeps_keys() {
             let started = Instant::now();
             let keys = ftm::AnchorKeys::collect(&self.model, &anchors, layer)?;
             tracing::debug!(
@@ -820,7 +822,23 @@ impl Editor {
                     attempts,
                 };
             }
-            // Stronger settings for the one retry.
+            // The one retry.
+            if anchor_keys.is_some() {
+                // The key term can hold the edit away from keys it needs
+                // (anchor questions that share words with the request's:
+                // "Where do I want to travel next?" vs "Where do I live?"),
+                // and strengthening it cannot help then. The retry trains
+                // the way `--anchors loss` does on its first attempt: the
+                // anchors' answers are kept through the whole model, which
+                // only constrains what they end up answering. Slower, and
+                // only for the edits that need it.
+                anchor_keys = None;
+                sequences.retain(|s| s.is_target);
+                sequences.extend(anchors.iter().cloned());
+                ftm_settings.anchor_weight = self.settings.anchor_weight;
+                continue;
+            }
+            // Otherwise stronger settings.
             if !efficacy_ok {
                 rome_settings.steps *= 2;
                 rome_settings.clamp_norm_factor *= 1.5;
