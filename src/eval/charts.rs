@@ -142,12 +142,29 @@ pub fn series_from_report(path: &Path, json: &Value) -> Result<ReportSeries, Cha
 }
 
 type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+type Root<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
-/// Draws the legend and writes the PNG.
-fn finish(
-    mut chart: Chart<'_>,
-    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-) -> Result<(), String> {
+/// One chart: a white canvas with the title, x in `0..x_max`, y in 0–100 %;
+/// `body` draws the mesh and the series, then the legend is drawn and the
+/// PNG written.
+fn draw(
+    path: &Path,
+    title: &str,
+    x_max: f64,
+    x_label_area: u32,
+    body: impl FnOnce(&mut Chart<'_>, &Root<'_>) -> Result<(), String>,
+) -> Result<(), ChartError> {
+    let err = draw_error(path);
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FAMILY, 24))
+        .margin(16)
+        .x_label_area_size(x_label_area)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..x_max, 0f64..100f64)
+        .map_err(|e| err(e.to_string()))?;
+    body(&mut chart, &root).map_err(&err)?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
@@ -155,8 +172,8 @@ fn finish(
         .border_style(BLACK)
         .label_font((FAMILY, 15))
         .draw()
-        .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))
 }
 
 /// Grouped bars: one group per question type, one bar per series.
@@ -177,57 +194,51 @@ pub fn accuracy_chart(
     if kinds.is_empty() {
         return Err(ChartError::Empty("the reports hold no scores".into()));
     }
-    let err = draw_error(path);
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FAMILY, 24))
-        .margin(16)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..kinds.len() as f64, 0f64..100f64)
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(0)
-        .light_line_style(WHITE)
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .y_desc("correct answers (%)")
-        .label_style((FAMILY, 15))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-
-    // Bars fill 80 % of each group, side by side.
-    let width = 0.8 / series.len().max(1) as f64;
-    for (i, s) in series.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        let bars = s.scores.iter().filter_map(|(kind, accuracy)| {
-            let group = kinds.iter().position(|k| k == kind)? as f64;
-            let left = group + 0.1 + width * i as f64;
-            Some(Rectangle::new(
-                [(left, 0.0), (left + width * 0.92, accuracy * 100.0)],
-                colour.filled(),
-            ))
-        });
+    draw(path, title, kinds.len() as f64, 36, |chart, root| {
         chart
-            .draw_series(bars)
-            .map_err(|e| err(e.to_string()))?
-            .label(s.label.clone())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
-    }
-    // Group names under the axis, centred on each group.
-    for (g, kind) in kinds.iter().enumerate() {
-        let (x, y) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
-        let style =
-            TextStyle::from((FAMILY, 16).into_font()).pos(plotters::style::text_anchor::Pos::new(
-                plotters::style::text_anchor::HPos::Center,
-                plotters::style::text_anchor::VPos::Top,
-            ));
-        root.draw(&Text::new(kind.clone(), (x, y + 8), style))
-            .map_err(|e| err(e.to_string()))?;
-    }
-    finish(chart, &root).map_err(err)
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .light_line_style(WHITE)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_desc("correct answers (%)")
+            .label_style((FAMILY, 15))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        // Bars fill 80 % of each group, side by side.
+        let width = 0.8 / series.len().max(1) as f64;
+        for (i, s) in series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let bars = s.scores.iter().filter_map(|(kind, accuracy)| {
+                let group = kinds.iter().position(|k| k == kind)? as f64;
+                let left = group + 0.1 + width * i as f64;
+                Some(Rectangle::new(
+                    [(left, 0.0), (left + width * 0.92, accuracy * 100.0)],
+                    colour.filled(),
+                ))
+            });
+            chart
+                .draw_series(bars)
+                .map_err(|e| e.to_string())?
+                .label(s.label.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled())
+                });
+        }
+        // Group names under the axis, centred on each group.
+        for (g, kind) in kinds.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
+            let style = TextStyle::from((FAMILY, 16).into_font()).pos(
+                plotters::style::text_anchor::Pos::new(
+                    plotters::style::text_anchor::HPos::Center,
+                    plotters::style::text_anchor::VPos::Top,
+                ),
+            );
+            root.draw(&Text::new(kind.clone(), (x, y + 8), style))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
 }
 
 /// Acknowledgment rate (%) against distractor turns, one line per series.
@@ -242,51 +253,43 @@ pub fn acknowledgment_chart(
         .flat_map(|s| s.points.iter().map(|p| p.0))
         .max()
         .ok_or_else(|| ChartError::Empty("the reports hold no rates".into()))?;
-    let err = draw_error(path);
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FAMILY, 24))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..max_turns.max(1) as f64, 0f64..100f64)
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .light_line_style(WHITE)
-        .x_labels(max_turns.clamp(1, 12) + 1)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .x_desc("distractor turns before the question")
-        .y_desc("acknowledged (%)")
-        .label_style((FAMILY, 15))
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    for (i, s) in series.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        let mut points: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .map(|&(t, rate)| (t as f64, rate * 100.0))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    draw(path, title, max_turns.max(1) as f64, 44, |chart, _| {
         chart
-            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))
-            .map_err(|e| err(e.to_string()))?
-            .label(s.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3))
-            });
-        chart
-            .draw_series(
-                points
-                    .into_iter()
-                    .map(|p| Circle::new(p, 4, colour.filled())),
-            )
-            .map_err(|e| err(e.to_string()))?;
-    }
-    finish(chart, &root).map_err(err)
+            .configure_mesh()
+            .light_line_style(WHITE)
+            .x_labels(max_turns.clamp(1, 12) + 1)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .x_desc("distractor turns before the question")
+            .y_desc("acknowledged (%)")
+            .label_style((FAMILY, 15))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, s) in series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let mut points: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .map(|&(t, rate)| (t as f64, rate * 100.0))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))
+                .map_err(|e| e.to_string())?
+                .label(s.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(3))
+                });
+            chart
+                .draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 4, colour.filled())),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
 }
 
 /// The charts of several reports, written into `out`: `accuracy.png` when
