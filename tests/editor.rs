@@ -114,6 +114,18 @@ fn edits_change_the_answer_through_llama_cpp_and_compose() {
         contains_target(&hobby_with_both, &hobby.target),
         "{hobby_with_both}"
     );
+    // Not only the first: the second edit trained with every question of
+    // the first as an exact anchor, so none that answered lost its answer.
+    assert!(second.accepted, "{:?}", second.reason);
+    let answered_after_first = hobby
+        .questions
+        .iter()
+        .zip(&first.edit.metrics.answers)
+        .filter(|(_, a)| contains_target(a, &hobby.target));
+    for (q, _) in answered_after_first {
+        let a = answer(&mut engine, SYSTEM, q, 16).unwrap();
+        assert!(contains_target(&a, &hobby.target), "{q} → {a}");
+    }
     assert!(
         contains_target(&city_with_both, &city.target),
         "{city_with_both}"

@@ -28,6 +28,11 @@ pub struct TrainSequence {
     pub answer_start: usize,
     /// The edit's own question (true) or an anchor (false).
     pub is_target: bool,
+    /// An anchor whose every answer token must keep its argmax before
+    /// training stops (an earlier preference's question: losing one token
+    /// of its target loses the preference), instead of the
+    /// `min_anchor_agreement` share that other anchors need.
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +236,7 @@ pub fn train(
     let mut weights = Vec::new();
     let mut target_rows = Vec::new();
     let mut anchor_rows = Vec::new();
+    let mut exact_rows = Vec::new();
     let answer_len = |s: &TrainSequence| s.tokens.len() - s.answer_start;
     let n_target: usize = sequences
         .iter()
@@ -246,6 +252,8 @@ pub fn train(
         for p in s.answer_start.max(shared + 1)..s.tokens.len() {
             if s.is_target {
                 target_rows.push(rows.len());
+            } else if s.exact {
+                exact_rows.push(rows.len());
             } else {
                 anchor_rows.push(rows.len());
             }
@@ -343,8 +351,9 @@ pub fn train(
             .iter()
             .filter(|&&r| argmax[r] == local_labels[r])
             .count();
-        let anchors_ok =
-            anchors_kept as f64 >= settings.min_anchor_agreement * anchor_rows.len() as f64;
+        let anchors_ok = anchors_kept as f64
+            >= settings.min_anchor_agreement * anchor_rows.len() as f64
+            && exact_rows.iter().all(|&r| argmax[r] == local_labels[r]);
         tracing::debug!(
             step,
             target_loss,

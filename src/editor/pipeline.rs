@@ -83,11 +83,12 @@ impl Default for EditorSettings {
     }
 }
 
-/// With `AnchorMode::Keys`, how many of the profile's active preferences
-/// (the most recent) keep their answers through the cross-entropy term as
-/// well; every one of them is in the key term. Bounds the step's cost
-/// however large the profile grows.
-pub const LOSS_ANCHORS_FROM_PROFILE: usize = 16;
+/// With `AnchorMode::Keys`, how many questions of the profile's active
+/// preferences (the most recent ones: 16 preferences of 3 questions) keep
+/// their answers through the cross-entropy term as well; every one of them
+/// is in the key term. Bounds the step's cost however large the profile
+/// grows.
+pub const LOSS_ANCHORS_FROM_PROFILE: usize = 48;
 
 /// How anchors keep their answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,13 +324,16 @@ impl Editor {
             tokens,
             answer_start,
             is_target,
+            exact: false,
         })
     }
 
     /// The anchors of an edit, each with the answer it must keep: the
     /// current model's own short greedy answers to the shipped general and
     /// personal anchor questions (minus those about the request's attribute),
-    /// and each other active preference's first question with its target.
+    /// and every question of each other active preference with its target
+    /// (marked `exact`: training may not stop while one of its tokens has
+    /// moved).
     fn anchor_sequences(
         &self,
         engine: &mut Engine,
@@ -370,8 +374,19 @@ impl Editor {
                 .map(|t| t as u32)
                 .collect();
             answer.push(eot);
-            for q in other.request.questions.iter().take(1) {
-                anchors.push(self.sequence(engine, q, &answer, false)?);
+            // Every question, not only the first: the gate checks them all,
+            // and an edit that keeps "What's my hobby?" while losing "Which
+            // hobby do I have?" is refused (docs/RESULTS.md, "Anchor modes,
+            // session 6").
+            for q in other
+                .request
+                .questions
+                .iter()
+                .filter(|q| !q.trim().is_empty())
+            {
+                let mut anchor = self.sequence(engine, q, &answer, false)?;
+                anchor.exact = true;
+                anchors.push(anchor);
             }
         }
         Ok((anchors, shipped))
@@ -580,6 +595,7 @@ impl Editor {
                     answer_start: tokens.len(),
                     tokens,
                     is_target: false,
+                    exact: false,
                 },
             };
             Some((subjects, essence, c_inv))

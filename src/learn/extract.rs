@@ -227,7 +227,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         r("am-a", r"i(?:'m| am) (?:a|an) (.+)", "identity", Is, 0.6),
         r(
             "have-family",
-            r"i have ((?:no|one|a|an|two|three|four|five|six|\d+) (?:kids?|child|children|sons?|daughters?|siblings?|brothers?|sisters?|grandchildren|grandkids|twins?).*)",
+            r"i have ((?:no|one|a|an|two|three|four|five|six|seven|eight|nine|ten|\d+) (?:(?:\w+ )?(?:kids?|child|children|sons?|daughters?|siblings?|brothers?|sisters?|grandchildren|grandkids|grandsons?|granddaughters?|twins?|stepsons?|stepdaughters?)|husband|wife|partner|boyfriend|girlfriend|fianc[ée]e?|father|mother|dad|mom|mum)\b.*)",
             "family",
             Is,
             0.85,
@@ -297,7 +297,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "activity-verb",
-            r"i (?:often |usually |always |regularly |also |sometimes |only |mostly |mainly )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed) (.*)",
+            r"i (?:often |usually |always |regularly |also |sometimes |only |mostly |mainly )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed|restore|run|walk|jog|brew|fix) (.*)",
             "activity",
             Is,
             0.6,
@@ -366,6 +366,41 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             0.6,
         ),
         r(
+            "retired",
+            r"i(?:'m| am) (?:now |recently |happily )?(retired(?: from .+)?)",
+            "profession",
+            Is,
+            0.8,
+        ),
+        r(
+            "degree",
+            r"i (?:have|hold|earned|got|finished|completed) (?:a |an |my )?(.+? degree\b.*)",
+            "education",
+            Is,
+            0.85,
+        ),
+        r(
+            "collection",
+            r"i have (?:a |an )?(?:large |huge |big |small |growing |nice )?collection of (.+)",
+            "hobby",
+            Is,
+            0.75,
+        ),
+        r(
+            "learning",
+            r"i(?:'m| am) (?:currently |now |slowly )?learning ((?:to |how to )?.+)",
+            "hobby",
+            Is,
+            0.7,
+        ),
+        r(
+            "school",
+            r"i(?:'m| am) (?:currently |now )?(?:going to|attending|in|enrolled in) ((?:\w+ ){0,3}(?:school|college|university|grad school|med school|law school)\b.*)",
+            "education",
+            Is,
+            0.75,
+        ),
+        r(
             "am-trait",
             r"i(?:'m| am) (?:very |really |quite |pretty |so |a bit |kind of )?((?:\w+)(?: \w+)?(?: and (?:\w+))?)",
             "personality trait",
@@ -393,7 +428,7 @@ static OTHER_PERSON: LazyLock<Regex> = LazyLock::new(|| {
 });
 static LEADING_FILLER: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)^(?:(?:well|also|actually|honestly|so|and|but|oh|yeah|yes|no|ok|okay|anyway|btw|by the way|fun fact|for the record|to be honest|personally|these days|lately|nowadays)\b[,:]?\s*)+",
+        r"(?i)^(?:(?:(?:hey|hi|hello)(?: there)?|well|also|actually|honestly|so|and|but|oh|yeah|yes|no|ok|okay|anyway|btw|by the way|fun fact|for the record|to be honest|personally|these days|lately|nowadays)\b[,:]?\s*)+",
     )
 });
 /// "I'm sorry", "I'm back", "I'm going": states of the moment, not traits.
@@ -478,8 +513,42 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     }
     // "I'm" written with a typographic apostrophe.
     let body = body.replace('’', "'");
+    if let Some(c) = match_rules(&body, trimmed) {
+        return Ok(c);
+    }
+    // "I am native american and live in oklahoma": each clause on its own,
+    // with its subject given back ("live in oklahoma" → "i live in
+    // oklahoma"). Only when the whole sentence matched nothing, so a rule
+    // that reads "and" as part of its target keeps doing so.
+    for clause in body.split(" and ").skip(1) {
+        let clause = clause.trim();
+        if OTHER_PERSON.is_match(clause) {
+            continue;
+        }
+        let lower = clause.to_ascii_lowercase();
+        let own = if lower.starts_with("i ") || lower.starts_with("i'") || lower.starts_with("my ")
+        {
+            clause.to_string()
+        } else {
+            format!("i {clause}")
+        };
+        if let Some(c) = match_rules(&own, trimmed) {
+            return Ok(c);
+        }
+    }
+    if let Some((first, _)) = body.split_once(" and ") {
+        if let Some(c) = match_rules(first.trim(), trimmed) {
+            return Ok(c);
+        }
+    }
+    Err(Skip::NoRule)
+}
+
+/// The first rule that matches `body` (a cleaned sentence or clause), as a
+/// candidate whose evidence is the whole sentence.
+fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
     for rule in RULES.iter() {
-        let Some(c) = rule.pattern.captures(&body) else {
+        let Some(c) = rule.pattern.captures(body) else {
             continue;
         };
         let group = |i: usize| c.get(i).map(|m| m.as_str()).unwrap_or("");
@@ -491,6 +560,8 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
         let target = match rule.name {
             // The verb is part of the hobby: "play chess", "collect stamps".
             "pet-name" => format!("{} named {}", group(1), clean_target(group(2))),
+            "collection" => format!("collecting {}", clean_target(group(1))),
+            "learning" => format!("learning {}", clean_target(group(1))),
             "hobby-verb" | "activity-verb" => format!("{} {}", group(1), clean_target(group(2)))
                 .trim()
                 .to_string(),
@@ -515,16 +586,16 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
         } else {
             attribute
         };
-        return Ok(Candidate {
+        return Some(Candidate {
             attribute,
             target,
             polarity: rule.polarity,
             confidence: rule.confidence,
-            evidence: trimmed.to_string(),
+            evidence: sentence.to_string(),
             rule: rule.name,
         });
     }
-    Err(Skip::NoRule)
+    None
 }
 
 /// Every candidate in a user message. Each candidate's evidence is a span
@@ -701,6 +772,74 @@ mod tests {
         );
         assert_eq!(
             extract_sentence("I hope to become a doctor one day."),
+            Err(Skip::Hypothetical)
+        );
+    }
+
+    #[test]
+    fn session_six_rules_and_clauses() {
+        for (sentence, attribute, target) in [
+            (
+                "I have a wife and three kids.",
+                "family",
+                "a wife and three kids",
+            ),
+            ("I have seven children.", "family", "seven children"),
+            (
+                "I am retired from banking.",
+                "profession",
+                "retired from banking",
+            ),
+            (
+                "I have a computer science degree.",
+                "education",
+                "computer science degree",
+            ),
+            (
+                "I have a large collection of teddy bears.",
+                "hobby",
+                "collecting teddy bears",
+            ),
+            (
+                "I'm learning to play the cello.",
+                "hobby",
+                "learning to play the cello",
+            ),
+            (
+                "I am going to hairdresser school.",
+                "education",
+                "hairdresser school",
+            ),
+            (
+                "I restore classic cars.",
+                "activity",
+                "restore classic cars",
+            ),
+            (
+                "Hey there I am a professional singer.",
+                "identity",
+                "professional singer",
+            ),
+            // A clause after "and" gets its subject back.
+            (
+                "I am native american and live in oklahoma.",
+                "location",
+                "oklahoma",
+            ),
+            ("I have three guns and love hunting.", "hobby", "hunting"),
+        ] {
+            let c = one(sentence);
+            assert_eq!(
+                (c.attribute.as_str(), c.target.as_str()),
+                (attribute, target),
+                "{sentence}"
+            );
+            assert_eq!(c.evidence, sentence, "the evidence is the whole sentence");
+        }
+        // The clause split does not reach other people or hypotheticals.
+        assert!(extract_sentence("I came home and my brother loves golf.").is_err());
+        assert_eq!(
+            extract_sentence("If I had time I would cook and bake bread."),
             Err(Skip::Hypothetical)
         );
     }

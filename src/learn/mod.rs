@@ -151,6 +151,31 @@ fn run_inner(
             ),
         });
     }
+    let mut progress = progress;
+    let mut preference = preference;
+    if cluster::is_template_cluster(&preference) {
+        // An attribute the lexicon does not know: the model may know better
+        // ways to ask about it than the templates do.
+        progress("asking the model for synonyms");
+        engine.set_adapter(None).map_err(EditorError::from)?;
+        let refined = cluster::refine_with_model(
+            engine,
+            &preference.attribute,
+            preference.polarity,
+            preference.cluster.len(),
+        )
+        .map_err(EditorError::from)?;
+        tracing::info!(
+            attribute = %preference.attribute,
+            proposed = ?refined.proposed,
+            kept = ?refined.kept,
+            "model synonyms"
+        );
+        if refined.cluster != preference.cluster {
+            profile.set_cluster(preference.id, &refined.cluster)?;
+            preference.cluster = refined.cluster;
+        }
+    }
     let request = preference.edit_request();
     // The preference's own earlier edit is being replaced, so it is not
     // one of the edits this one must leave intact.

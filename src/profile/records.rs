@@ -542,6 +542,33 @@ impl Profile {
         Ok(())
     }
 
+    /// Replaces a preference's synonym cluster (the editor's training
+    /// questions), e.g. once the model has proposed synonyms for it. Its
+    /// edits stay: the caller recomputes them.
+    pub fn set_cluster(&mut self, id: i64, cluster: &[ClusterMember]) -> Result<(), ProfileError> {
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE preferences SET updated = ?2 WHERE id = ?1",
+            params![id, now()],
+        )?;
+        if changed == 0 {
+            return Err(ProfileError::UnknownPreference(id));
+        }
+        tx.execute("DELETE FROM cluster_members WHERE preference_id = ?1", [id])?;
+        insert_cluster(&tx, id, cluster)?;
+        let questions: Vec<&str> = cluster.iter().map(|m| m.question.as_str()).collect();
+        audit_in(
+            &tx,
+            "clustered",
+            &format!("preference {id}"),
+            &questions.join(" | "),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Removes a preference with its sources, cluster and edits. Returns
     /// the model fingerprints whose adapters must be rebuilt.
     pub fn forget(&mut self, id: i64) -> Result<Vec<String>, ProfileError> {
