@@ -77,3 +77,85 @@ fn the_model_refines_a_template_cluster() {
         assert_eq!(&again.cluster, c, "greedy proposals are reproducible");
     }
 }
+
+struct Fixed;
+impl imprint::profile::PassphraseSource for Fixed {
+    fn passphrase(
+        &self,
+        _confirm: bool,
+    ) -> Result<zeroize::Zeroizing<String>, imprint::profile::ProfileError> {
+        Ok(zeroize::Zeroizing::new("cluster test".into()))
+    }
+}
+
+/// The edit job refines a template cluster before it trains: the stored
+/// cluster becomes the refined one (audited) and the edit is trained on its
+/// questions. (That lexicon clusters are left alone is the unit test
+/// `only_template_clusters_are_refined`.)
+#[test]
+fn the_edit_job_trains_on_the_refined_cluster() {
+    use imprint::learn::{queue_edit, run_edit_job, JobResult};
+    use imprint::profile::{KeyChoice, NewPreference, PreferenceStatus, Profile, SourceRef};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut profile, _) = Profile::create(
+        &imprint::paths::Paths::under(dir.path()),
+        KeyChoice::Passphrase,
+        &Fixed,
+    )
+    .unwrap();
+    let model = common::model_path();
+    let sha = imprint::models::registry::sha256_file(&model).unwrap();
+    let mut engine = common::engine();
+    let settings = imprint::editor::EditorSettings {
+        retry: false,
+        ..Default::default()
+    };
+    let cache = std::env::temp_dir().join("imprint-test-cache");
+    let mut editor = imprint::editor::Editor::load(&model, &sha, &cache, settings).unwrap();
+
+    let attribute = "favorite board game";
+    let template = cluster::build(attribute, Polarity::Like, 3);
+    let id = profile
+        .add_preference(&NewPreference {
+            attribute: attribute.into(),
+            target: "Carcassonne".into(),
+            polarity: Polarity::Like,
+            statement: "My favorite board game is Carcassonne.".into(),
+            confidence: 1.0,
+            status: PreferenceStatus::Active,
+            source: SourceRef::Manual {
+                note: "test".into(),
+            },
+            cluster: template.clone(),
+        })
+        .unwrap();
+    let expected = cluster::refine_with_model(&mut engine, attribute, Polarity::Like, 3)
+        .unwrap()
+        .cluster;
+
+    let job_id = queue_edit(&profile, id, &sha).unwrap();
+    let job = profile.claim_job_id(job_id).unwrap().unwrap();
+    let result = run_edit_job(&mut profile, &mut engine, &mut editor, &job, |_| {}).unwrap();
+    let JobResult::Edited(outcome) = result else {
+        panic!("the job was skipped");
+    };
+    let stored = profile.preference(id).unwrap();
+    assert_eq!(stored.cluster, expected);
+    let questions: Vec<String> = stored.cluster.iter().map(|m| m.question.clone()).collect();
+    assert_eq!(
+        outcome.edit.request.questions, questions,
+        "trained on the stored cluster"
+    );
+    let changed = expected != template;
+    assert_eq!(
+        cluster::is_template_cluster(&stored),
+        !changed,
+        "a refined cluster is never refined again"
+    );
+    let log = profile.audit_log(50).unwrap();
+    let clustered = log
+        .iter()
+        .filter(|e| e.action == "edited" && e.detail.starts_with("cluster: "))
+        .count();
+    assert_eq!(clustered, changed as usize, "{log:?}");
+}

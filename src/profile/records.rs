@@ -561,9 +561,9 @@ impl Profile {
         let questions: Vec<&str> = cluster.iter().map(|m| m.question.as_str()).collect();
         audit_in(
             &tx,
-            "clustered",
+            "edited",
             &format!("preference {id}"),
-            &questions.join(" | "),
+            &format!("cluster: {}", questions.join(" | ")),
         )?;
         tx.commit()?;
         Ok(())
