@@ -160,10 +160,10 @@ pub fn clean_synonyms(attribute: &str, reply: &str, n: usize) -> Vec<String> {
     let bare = own.strip_prefix("favorite ").unwrap_or(&own).to_string();
     let mut out: Vec<String> = Vec::new();
     let parts: Vec<&str> = reply.split('"').collect();
-    // Odd parts are quoted items; the last one is unterminated when the
-    // reply was cut off.
-    let quoted = parts.len().saturating_sub(1) / 2 * 2;
-    for item in parts[..quoted.min(parts.len())].iter().skip(1).step_by(2) {
+    // Odd parts are the quoted items; an item without its closing quote
+    // (the reply was cut off) is not one of the `closed`.
+    let closed = parts.len().saturating_sub(1) / 2;
+    for item in parts.iter().skip(1).step_by(2).take(closed) {
         let s = item.trim().to_lowercase();
         let words = s.split_whitespace().count();
         let letters = s

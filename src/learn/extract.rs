@@ -671,6 +671,20 @@ mod tests {
         extract_sentence(text).unwrap_or_else(|skip| panic!("{text:?} skipped: {skip:?}"))
     }
 
+    /// Each sentence yields (attribute, target), with the whole sentence as
+    /// its evidence.
+    fn assert_extracts(cases: &[(&str, &str, &str)]) {
+        for &(sentence, attribute, target) in cases {
+            let c = one(sentence);
+            assert_eq!(
+                (c.attribute.as_str(), c.target.as_str()),
+                (attribute, target),
+                "{sentence}"
+            );
+            assert_eq!(c.evidence, sentence, "the evidence is the whole sentence");
+        }
+    }
+
     #[test]
     fn first_person_statements() {
         let c = one("My favorite sport is ultimate frisbee.");
@@ -733,7 +747,7 @@ mod tests {
 
     #[test]
     fn life_facts_beyond_likes() {
-        for (sentence, attribute, target) in [
+        assert_extracts(&[
             (
                 "I was raised by my grandparents.",
                 "family",
@@ -757,14 +771,7 @@ mod tests {
             ("I go to the gym every morning.", "routine", "the gym"),
             ("I worked at a bakery for years.", "job", "a bakery"),
             ("I only drink green tea.", "activity", "drink green tea"),
-        ] {
-            let c = one(sentence);
-            assert_eq!(
-                (c.attribute.as_str(), c.target.as_str()),
-                (attribute, target),
-                "{sentence}"
-            );
-        }
+        ]);
         // Reported speech and childhood dreams are not the user's plans.
         assert_eq!(
             extract_sentence("I want to be a pilot when I grow up, said my son."),
@@ -778,7 +785,7 @@ mod tests {
 
     #[test]
     fn session_six_rules_and_clauses() {
-        for (sentence, attribute, target) in [
+        assert_extracts(&[
             (
                 "I have a wife and three kids.",
                 "family",
@@ -827,15 +834,7 @@ mod tests {
                 "oklahoma",
             ),
             ("I have three guns and love hunting.", "hobby", "hunting"),
-        ] {
-            let c = one(sentence);
-            assert_eq!(
-                (c.attribute.as_str(), c.target.as_str()),
-                (attribute, target),
-                "{sentence}"
-            );
-            assert_eq!(c.evidence, sentence, "the evidence is the whole sentence");
-        }
+        ]);
         // The clause split does not reach other people or hypotheticals.
         assert!(extract_sentence("I came home and my brother loves golf.").is_err());
         assert_eq!(

@@ -122,10 +122,10 @@ fn run_inner(
     engine: &mut Engine,
     editor: &mut Editor,
     job: &Job,
-    progress: impl FnMut(&str),
+    mut progress: impl FnMut(&str),
 ) -> Result<JobResult, LearnError> {
     let spec = EditJob::from_job(job)?;
-    let preference = match profile.preference(spec.preference_id) {
+    let mut preference = match profile.preference(spec.preference_id) {
         Ok(p) => p,
         Err(ProfileError::UnknownPreference(_)) => {
             return Ok(JobResult::Skipped(format!(
@@ -151,8 +151,6 @@ fn run_inner(
             ),
         });
     }
-    let mut progress = progress;
-    let mut preference = preference;
     if cluster::is_template_cluster(&preference) {
         // An attribute the lexicon does not know: the model may know better
         // ways to ask about it than the templates do.
