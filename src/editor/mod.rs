@@ -72,11 +72,17 @@ pub struct EditRequest {
 }
 
 impl EditRequest {
+    /// The questions that ask something (blank entries are skipped
+    /// everywhere: training, anchors and the gate).
+    pub fn asked(&self) -> impl Iterator<Item = &String> {
+        self.questions.iter().filter(|q| !q.trim().is_empty())
+    }
+
     pub fn validate(&self) -> Result<(), EditorError> {
         if self.target.trim().is_empty() {
             return Err(EditorError::Invalid("the target answer is empty".into()));
         }
-        if self.questions.iter().all(|q| q.trim().is_empty()) {
+        if self.asked().next().is_none() {
             return Err(EditorError::Invalid(
                 "an edit needs at least one question (--question)".into(),
             ));

@@ -378,12 +378,7 @@ impl Editor {
             // and an edit that keeps "What's my hobby?" while losing "Which
             // hobby do I have?" is refused (docs/RESULTS.md, "Anchor modes,
             // session 6").
-            for q in other
-                .request
-                .questions
-                .iter()
-                .filter(|q| !q.trim().is_empty())
-            {
+            for q in other.request.asked() {
                 let mut anchor = self.sequence(engine, q, &answer, false)?;
                 anchor.exact = true;
                 anchors.push(anchor);
@@ -482,12 +477,7 @@ impl Editor {
             let target = other.request.target.trim();
             let target_tokens = engine.tokenize_plain(target);
             let budget = target_tokens.len() as u32 + 8;
-            for q in other
-                .request
-                .questions
-                .iter()
-                .filter(|q| !q.trim().is_empty())
-            {
+            for q in other.request.asked() {
                 let entry = memo_entry(q, budget);
                 let said = match memo.get(&entry) {
                     Some(known) => known.text.clone(),
@@ -530,7 +520,7 @@ impl Editor {
         target_tokens.push(eot);
 
         let mut sequences = Vec::new();
-        for q in request.questions.iter().filter(|q| !q.trim().is_empty()) {
+        for q in request.asked() {
             sequences.push(self.sequence(engine, q, &target_tokens, true)?);
         }
         let mut anchors = Vec::new();
@@ -575,12 +565,7 @@ impl Editor {
                 layer,
             )?;
             let mut subjects = Vec::new();
-            for (q, seq) in request
-                .questions
-                .iter()
-                .filter(|q| !q.trim().is_empty())
-                .zip(&sequences)
-            {
+            for (q, seq) in request.asked().zip(&sequences) {
                 subjects.push(SubjectSequence {
                     subject: subject_position(engine, &seq.tokens, q, &request.attribute),
                     sequence: seq.clone(),

@@ -59,10 +59,7 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// k cluster members for a preference: the lexicon's, or templates.
 /// Dislikes are asked as such ("What do I dislike?").
 pub fn build(attribute: &str, polarity: Polarity, k: usize) -> Vec<ClusterMember> {
-    let key = match polarity {
-        Polarity::Dislike => "dislikes".to_string(),
-        _ => attribute.trim().to_lowercase(),
-    };
+    let key = lexicon_key(attribute, polarity);
     let k = k.max(1);
     if let Some(members) = LEXICON_MEMBERS.get(&key) {
         return members.iter().take(k).cloned().collect();
@@ -92,9 +89,17 @@ pub fn lexicon() -> Vec<(String, Vec<ClusterMember>)> {
     all
 }
 
+/// The lexicon entry a preference is looked up under: dislikes share one.
+fn lexicon_key(attribute: &str, polarity: Polarity) -> String {
+    match polarity {
+        Polarity::Dislike => "dislikes".to_string(),
+        _ => attribute.trim().to_lowercase(),
+    }
+}
+
 /// Whether the lexicon has hand-written questions for this preference.
 pub fn in_lexicon(attribute: &str, polarity: Polarity) -> bool {
-    polarity == Polarity::Dislike || LEXICON_MEMBERS.contains_key(&attribute.trim().to_lowercase())
+    LEXICON_MEMBERS.contains_key(&lexicon_key(attribute, polarity))
 }
 
 /// Whether a stored preference's cluster is still the plain template one,
