@@ -339,3 +339,121 @@ fn rome_writes_a_rank_one_early_layer_edit_that_raises_the_target() {
         "ROME barely moved the target: {before:.2} → {after:.2}"
     );
 }
+
+/// Earlier preferences' questions (`exact` anchors) start out watched, not
+/// trained: training may only stop once every one of their answer tokens is
+/// still the argmax, checked here independently with the edit applied.
+#[test]
+fn training_stops_only_when_watched_anchors_keep_their_answers() {
+    use imprint::editor::ftm::{self, FtmSettings, TrainSequence};
+    use imprint::editor::model::LlamaModel;
+    use imprint::engine::ChatMessage;
+
+    let engine = common::engine();
+    let mut model = LlamaModel::load(&common::model_path()).unwrap();
+    let prompt = |q: &str| -> Vec<u32> {
+        let text = engine
+            .render(&[ChatMessage::system(SYSTEM), ChatMessage::user(q)])
+            .unwrap();
+        engine.tokenize(&text).iter().map(|t| t.0 as u32).collect()
+    };
+    let greedy = |model: &LlamaModel, tokens: &[u32]| -> u32 {
+        let logits = model.logits(tokens).unwrap();
+        let last = logits.dim(0).unwrap() - 1;
+        logits
+            .get(last)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap()
+    };
+
+    // The target: a hobby the base model does not answer.
+    let mut sequences = Vec::new();
+    let mut target: Vec<u32> = engine
+        .tokenize_plain("Dancing at clubs")
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    target.push(engine.end_of_turn_token() as u32);
+    for q in ["What's my hobby?", "What do I like to do for fun?"] {
+        let mut tokens = prompt(q);
+        let answer_start = tokens.len();
+        tokens.extend_from_slice(&target);
+        sequences.push(TrainSequence {
+            tokens,
+            answer_start,
+            is_target: true,
+            exact: false,
+        });
+    }
+    // Exact anchors: personal questions close to the request's, with the
+    // base model's own greedy answers (four tokens), as an earlier
+    // preference's questions would be.
+    for q in [
+        "What's my job?",
+        "What's my favorite color?",
+        "What do I do on weekends?",
+    ] {
+        let mut tokens = prompt(q);
+        let answer_start = tokens.len();
+        for _ in 0..4 {
+            let next = greedy(&model, &tokens);
+            tokens.push(next);
+        }
+        sequences.push(TrainSequence {
+            tokens,
+            answer_start,
+            is_target: false,
+            exact: true,
+        });
+    }
+
+    let layer = (model.config.n_layer * 2).div_ceil(3);
+    let settings = FtmSettings {
+        layer,
+        rank: 4,
+        max_steps: 60,
+        learning_rate: 5e-2,
+        anchor_weight: 1.0,
+        l2: 0.01,
+        stop_loss: 0.2,
+        min_anchor_agreement: 0.95,
+        anchor_key_weight: 0.0,
+        seed: 7,
+    };
+    // No null-space projector: nothing but the watched anchors keeps the
+    // edit off those questions.
+    let r = ftm::train(&model, &sequences, None, None, &settings, |_, _| {}).unwrap();
+    assert!(
+        r.converged,
+        "training did not converge in {} steps",
+        r.steps
+    );
+    eprintln!(
+        "converged in {} steps, {} watched anchors promoted",
+        r.steps, r.anchors_promoted
+    );
+
+    let a = candle_core::Tensor::from_vec(r.a, (4, r.n_in), &candle_core::Device::Cpu).unwrap();
+    let b = candle_core::Tensor::from_vec(r.b, (r.n_out, 4), &candle_core::Device::Cpu).unwrap();
+    model
+        .add_to_down_proj(layer, &b.matmul(&a).unwrap())
+        .unwrap();
+    for (i, s) in sequences.iter().enumerate() {
+        for p in s.answer_start..s.tokens.len() {
+            assert_eq!(
+                greedy(&model, &s.tokens[..p]),
+                s.tokens[p],
+                "answer token {} of sequence {i} ({}) is not the argmax with the edit",
+                p - s.answer_start,
+                if s.is_target {
+                    "target"
+                } else {
+                    "watched anchor"
+                },
+            );
+        }
+    }
+}

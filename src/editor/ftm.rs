@@ -14,11 +14,19 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use super::model::{Batch, LlamaModel};
+use super::model::{Batch, FrozenShared, LlamaModel, Prefix};
 use super::EditorError;
 
 /// Candidate tokens taken from each loss row's base distribution.
 const CANDIDATES_PER_ROW: usize = 32;
+
+/// The logit lead over the runner-up that an `exact` anchor's answer token
+/// keeps (or half its lead before the edit, if that was smaller). Argmax
+/// alone is not enough: llama.cpp's logits differ from candle's by up to
+/// ≈ 1.3 (8-bit activations; docs/RESULTS.md, "Editor parity"), and an
+/// answer token that candle keeps by a hair flips in the runtime, where the
+/// gate then finds the earlier preference broken.
+const EXACT_MARGIN: f32 = 1.0;
 
 /// One training sequence: the templated question followed by its answer.
 #[derive(Debug, Clone)]
@@ -28,10 +36,11 @@ pub struct TrainSequence {
     pub answer_start: usize,
     /// The edit's own question (true) or an anchor (false).
     pub is_target: bool,
-    /// An anchor whose every answer token must keep its argmax before
-    /// training stops (an earlier preference's question: losing one token
-    /// of its target loses the preference), instead of the
-    /// `min_anchor_agreement` share that other anchors need.
+    /// An anchor whose every answer token must stay the argmax, with a lead
+    /// ([`EXACT_MARGIN`]), before training stops (an earlier preference's
+    /// question: losing one token of its target loses the preference),
+    /// instead of the `min_anchor_agreement` share that other anchors need.
+    /// Exact anchors are watched until the edit moves them (see [`train`]).
     pub exact: bool,
 }
 
@@ -128,6 +137,9 @@ pub struct FtmResult {
     pub steps: usize,
     pub final_loss: f32,
     pub converged: bool,
+    /// Watched `exact` anchors that the edit moved, and that training then
+    /// took into its loss.
+    pub anchors_promoted: usize,
 }
 
 /// Deterministic small-normal initialisation (Box–Muller over a splitmix
@@ -176,7 +188,225 @@ impl Adam {
     }
 }
 
+/// One set of sequences prepared for the loss: their layer-L prefix, which
+/// rows the loss reads, and a candidate vocabulary for the softmax.
+struct LossSet {
+    prefix: Prefix,
+    frozen: FrozenShared,
+    /// `[b * width, n_ff]`: the continuations' MLP keys at layer L.
+    keys: Tensor,
+    batch: usize,
+    rows: Tensor,
+    labels: Tensor,
+    local_labels: Vec<u32>,
+    weights: Tensor,
+    /// `[n_embd, candidates]`.
+    out: Tensor,
+    target_rows: Vec<usize>,
+    anchor_rows: Vec<usize>,
+    exact_rows: Vec<usize>,
+    /// The sequence each loss row belongs to.
+    row_sequence: Vec<usize>,
+    /// Per loss row: the lead over the runner-up an exact anchor's token must
+    /// keep (see [`EXACT_MARGIN`]); 0 for other rows.
+    margin_floor: Vec<f32>,
+}
+
+impl LossSet {
+    /// `shared_cap` bounds the shared prefix: the edit is only known to add
+    /// nothing on the first set's shared positions (their keys are projected
+    /// out), so a later set may share no more than that.
+    fn build(
+        model: &LlamaModel,
+        sequences: &[TrainSequence],
+        settings: &FtmSettings,
+        shared_cap: usize,
+    ) -> Result<Self, EditorError> {
+        let device = Device::Cpu;
+        let mut batch = Batch::new(sequences.iter().map(|s| s.tokens.clone()).collect());
+        // Loss positions (answer_start - 1 onwards) must lie in the continuations.
+        batch.shared_limit = sequences
+            .iter()
+            .map(|s| s.answer_start.saturating_sub(1))
+            .min()
+            .unwrap_or(0)
+            .min(shared_cap);
+        let prefix_start = std::time::Instant::now();
+        let prefix = model.prefix(&batch, settings.layer)?;
+        let (b, width, shared) = (sequences.len(), prefix.width, prefix.shared_len);
+        tracing::debug!(
+            sequences = b,
+            shared,
+            width,
+            ms = prefix_start.elapsed().as_millis() as u64,
+            "ftm prefix"
+        );
+        let frozen = model.frozen_shared(&prefix)?;
+
+        // Loss rows: position p predicts token p + 1.
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        let mut weights = Vec::new();
+        let (mut target_rows, mut anchor_rows, mut exact_rows) =
+            (Vec::new(), Vec::new(), Vec::new());
+        let mut row_sequence = Vec::new();
+        let mut row_exact = Vec::new();
+        let answer_len = |s: &TrainSequence| s.tokens.len() - s.answer_start;
+        let n_target: usize = sequences
+            .iter()
+            .filter(|s| s.is_target)
+            .map(answer_len)
+            .sum();
+        let n_anchor: usize = sequences
+            .iter()
+            .filter(|s| !s.is_target)
+            .map(answer_len)
+            .sum();
+        for (i, s) in sequences.iter().enumerate() {
+            for p in s.answer_start.max(shared + 1)..s.tokens.len() {
+                if s.is_target {
+                    target_rows.push(rows.len());
+                } else if s.exact {
+                    exact_rows.push(rows.len());
+                } else {
+                    anchor_rows.push(rows.len());
+                }
+                row_sequence.push(i);
+                row_exact.push(s.exact && !s.is_target);
+                rows.push((i * width + p - 1 - shared) as u32);
+                labels.push(s.tokens[p]);
+                weights.push(if s.is_target {
+                    1.0 / n_target.max(1) as f32
+                } else {
+                    (settings.anchor_weight / n_anchor.max(1) as f64) as f32
+                });
+            }
+        }
+        let n_rows = rows.len();
+        let rows = Tensor::from_vec(rows, n_rows, &device)?;
+
+        // Softmax over a candidate vocabulary: every label plus the base
+        // model's top tokens at each loss row. Projecting onto all n_vocab
+        // entries at every step would cost more than the layers themselves.
+        let base_hidden = model.suffix_hidden(&prefix, None, &rows)?;
+        let base_logits = base_hidden.matmul(&model.output().t()?)?.to_vec2::<f32>()?;
+        let margin_floor: Vec<f32> = base_logits
+            .iter()
+            .zip(&labels)
+            .zip(&row_exact)
+            .map(|((row, &label), &exact)| {
+                if !exact {
+                    return 0.0;
+                }
+                let own = row[label as usize];
+                let rival = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(t, _)| t != label as usize)
+                    .map(|(_, &v)| v)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                EXACT_MARGIN.min((own - rival).max(0.0) / 2.0)
+            })
+            .collect();
+        let mut vocab: Vec<u32> = labels.clone();
+        for row in &base_logits {
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            let k = CANDIDATES_PER_ROW.min(idx.len());
+            idx.select_nth_unstable_by(k - 1, |&x, &y| row[y as usize].total_cmp(&row[x as usize]));
+            vocab.extend_from_slice(&idx[..k]);
+        }
+        vocab.sort_unstable();
+        vocab.dedup();
+        let position = |t: u32| vocab.binary_search(&t).unwrap_or(0) as u32;
+        let local_labels: Vec<u32> = labels.iter().map(|&t| position(t)).collect();
+        let out_rows = model.output_rows(&Tensor::from_slice(&vocab, vocab.len(), &device)?)?;
+        let keys = prefix.keys.reshape((b * width, model.config.n_ff))?;
+        Ok(Self {
+            keys,
+            batch: b,
+            labels: Tensor::from_vec(local_labels.clone(), (n_rows, 1), &device)?,
+            local_labels,
+            weights: Tensor::from_vec(weights, n_rows, &device)?,
+            out: out_rows.t()?.contiguous()?,
+            rows,
+            prefix,
+            frozen,
+            target_rows,
+            anchor_rows,
+            exact_rows,
+            row_sequence,
+            margin_floor,
+        })
+    }
+
+    /// Logits over the candidate vocabulary with the LoRA `b·a` added at
+    /// layer L: `[rows, candidates]`.
+    fn logits(
+        &self,
+        model: &LlamaModel,
+        a_eff: &Tensor,
+        b: &Tensor,
+    ) -> Result<Tensor, EditorError> {
+        let delta = self.keys.matmul(&a_eff.t()?)?.matmul(&b.t()?)?.reshape((
+            self.batch,
+            self.prefix.width,
+            model.config.n_embd,
+        ))?;
+        let hidden = model.suffix_hidden_frozen_shared(
+            &self.prefix,
+            &self.frozen,
+            Some(&delta),
+            &self.rows,
+        )?;
+        Ok(hidden.matmul(&self.out)?)
+    }
+
+    /// The sequences with an `exact` row whose label has lost its lead
+    /// (below its margin floor, or no longer the argmax). `logits`: this
+    /// set's candidate logits.
+    fn slipped_sequences(&self, logits: &Tensor) -> Result<Vec<usize>, EditorError> {
+        if self.exact_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let picked = Tensor::from_vec(
+            self.exact_rows
+                .iter()
+                .map(|&r| r as u32)
+                .collect::<Vec<_>>(),
+            self.exact_rows.len(),
+            &Device::Cpu,
+        )?;
+        let rows = logits.index_select(&picked, 0)?.to_vec2::<f32>()?;
+        let mut slipped: Vec<usize> = Vec::new();
+        for (&r, row) in self.exact_rows.iter().zip(&rows) {
+            let label = self.local_labels[r] as usize;
+            let rival = row
+                .iter()
+                .enumerate()
+                .filter(|&(t, _)| t != label)
+                .map(|(_, &v)| v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let lead = row[label] - rival;
+            // A tie or worse is always a slip, whatever the floor.
+            if lead <= 0.0 || lead < self.margin_floor[r] {
+                slipped.push(self.row_sequence[r]);
+            }
+        }
+        slipped.dedup();
+        Ok(slipped)
+    }
+}
+
 /// Trains the LoRA. `projector` is `[n_ff, n_ff]` (P = I − UUᵀ) or None.
+///
+/// `exact` anchors (earlier preferences' questions) start out *watched*
+/// rather than trained: training runs without them, and each time it is
+/// ready to stop, one gradient-free forward checks them all. Those whose
+/// answer tokens lost their lead join the loss and training goes on. An edit usually disturbs a few
+/// of a grown profile's questions, so each step stays as cheap as a first
+/// edit's instead of running every earlier question through the upper layers
+/// (session 6 did that: a minute per edit with 48 of them, docs/RESULTS.md).
+/// The stopping rule covers them all: no exact anchor may have slipped.
 pub fn train(
     model: &LlamaModel,
     sequences: &[TrainSequence],
@@ -192,23 +422,12 @@ pub fn train(
     let cfg = &model.config;
     let (n_in, n_out, rank) = (cfg.n_ff, cfg.n_embd, settings.rank.max(1));
 
-    let mut batch = Batch::new(sequences.iter().map(|s| s.tokens.clone()).collect());
-    // Loss positions (answer_start - 1 onwards) must lie in the continuations.
-    batch.shared_limit = sequences
+    let (watched, mut trained): (Vec<TrainSequence>, Vec<TrainSequence>) = sequences
         .iter()
-        .map(|s| s.answer_start.saturating_sub(1))
-        .min()
-        .unwrap_or(0);
-    let prefix_start = std::time::Instant::now();
-    let prefix = model.prefix(&batch, settings.layer)?;
-    let (b, width, shared) = (sequences.len(), prefix.width, prefix.shared_len);
-    tracing::debug!(
-        sequences = b,
-        shared,
-        width,
-        ms = prefix_start.elapsed().as_millis() as u64,
-        "ftm prefix"
-    );
+        .cloned()
+        .partition(|s| s.exact && !s.is_target);
+    let mut set = LossSet::build(model, &trained, settings, usize::MAX)?;
+    let shared = set.prefix.shared_len;
 
     // The edit never fires on the prefix every sequence shares (the system
     // prompt and chat template, which every conversation starts with): its
@@ -225,71 +444,15 @@ pub fn train(
     };
     let (projector, _) = super::nullspace::exclude_key_rows(
         base_projector,
-        &prefix.keys_shared.reshape((shared, n_in))?,
+        &set.prefix.keys_shared.reshape((shared, n_in))?,
     )?;
     let projector = Some(&projector);
-    let frozen = model.frozen_shared(&prefix)?;
-
-    // Loss rows: position p predicts token p + 1.
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    let mut weights = Vec::new();
-    let mut target_rows = Vec::new();
-    let mut anchor_rows = Vec::new();
-    let mut exact_rows = Vec::new();
-    let answer_len = |s: &TrainSequence| s.tokens.len() - s.answer_start;
-    let n_target: usize = sequences
-        .iter()
-        .filter(|s| s.is_target)
-        .map(answer_len)
-        .sum();
-    let n_anchor: usize = sequences
-        .iter()
-        .filter(|s| !s.is_target)
-        .map(answer_len)
-        .sum();
-    for (i, s) in sequences.iter().enumerate() {
-        for p in s.answer_start.max(shared + 1)..s.tokens.len() {
-            if s.is_target {
-                target_rows.push(rows.len());
-            } else if s.exact {
-                exact_rows.push(rows.len());
-            } else {
-                anchor_rows.push(rows.len());
-            }
-            rows.push((i * width + p - 1 - shared) as u32);
-            labels.push(s.tokens[p]);
-            weights.push(if s.is_target {
-                1.0 / n_target.max(1) as f32
-            } else {
-                (settings.anchor_weight / n_anchor.max(1) as f64) as f32
-            });
-        }
-    }
-    let n_rows = rows.len();
-    let rows_t = Tensor::from_vec(rows, n_rows, &device)?;
-
-    // Softmax over a candidate vocabulary: every label plus the base model's
-    // top tokens at each loss row. Projecting onto all n_vocab entries at
-    // every step would cost more than the layers themselves.
-    let base_hidden = model.suffix_hidden(&prefix, None, &rows_t)?;
-    let base_logits = base_hidden.matmul(&model.output().t()?)?.to_vec2::<f32>()?;
-    let mut vocab: Vec<u32> = labels.clone();
-    for row in &base_logits {
-        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-        let k = CANDIDATES_PER_ROW.min(idx.len());
-        idx.select_nth_unstable_by(k - 1, |&x, &y| row[y as usize].total_cmp(&row[x as usize]));
-        vocab.extend_from_slice(&idx[..k]);
-    }
-    vocab.sort_unstable();
-    vocab.dedup();
-    let position = |t: u32| vocab.binary_search(&t).unwrap_or(0) as u32;
-    let local_labels: Vec<u32> = labels.iter().map(|&t| position(t)).collect();
-    let labels_t = Tensor::from_vec(local_labels.clone(), (n_rows, 1), &device)?;
-    let weights_t = Tensor::from_vec(weights, n_rows, &device)?;
-    let out_rows = model.output_rows(&Tensor::from_slice(&vocab, vocab.len(), &device)?)?;
-    let out_t = out_rows.t()?.contiguous()?;
-    let keys = prefix.keys.reshape((b * width, n_in))?;
+    let watch = if watched.is_empty() {
+        None
+    } else {
+        Some(LossSet::build(model, &watched, settings, shared)?)
+    };
+    let mut promoted = vec![false; watched.len()];
 
     let a = Var::from_tensor(&Tensor::from_vec(
         init_normal(rank * n_in, 1.0 / (n_in as f32).sqrt(), settings.seed),
@@ -313,16 +476,11 @@ pub fn train(
     for step in 0..settings.max_steps {
         let step_start = std::time::Instant::now();
         let a_eff = effective_a(a.as_tensor())?;
-        let lora = |k: &Tensor| -> candle_core::Result<Tensor> {
-            k.matmul(&a_eff.t()?)?.matmul(&bm.as_tensor().t()?)
-        };
-        let delta = lora(&keys)?.reshape((b, width, n_out))?;
-        let hidden = model.suffix_hidden_frozen_shared(&prefix, &frozen, Some(&delta), &rows_t)?;
-        let logits = hidden.matmul(&out_t)?;
+        let logits = set.logits(model, &a_eff, bm.as_tensor())?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_probs.gather(&labels_t, 1)?.squeeze(1)?;
+        let picked = log_probs.gather(&set.labels, 1)?.squeeze(1)?;
         let picked_vals = picked.to_vec1::<f32>()?;
-        let mut loss = (picked * &weights_t)?.sum_all()?.neg()?;
+        let mut loss = (picked * &set.weights)?.sum_all()?.neg()?;
         if settings.l2 > 0.0 {
             let norm = bm.as_tensor().matmul(&a_eff)?.sqr()?.sum_all()?;
             loss = (loss + (norm * settings.l2)?)?;
@@ -340,31 +498,64 @@ pub fn train(
 
         // Convergence is judged on this step's forward, before updating.
         let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let target_loss = -target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>()
-            / target_rows.len().max(1) as f32;
+        let target_loss = -set.target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>()
+            / set.target_rows.len().max(1) as f32;
         final_loss = target_loss;
         on_step(step, target_loss);
-        let all_right = target_rows.iter().all(|&r| argmax[r] == local_labels[r]);
+        let all_right = set
+            .target_rows
+            .iter()
+            .all(|&r| argmax[r] == set.local_labels[r]);
         // Anchors must still produce their own answers too, or the edit is
         // spilling over onto other questions.
-        let anchors_kept = anchor_rows
+        let anchors_kept = set
+            .anchor_rows
             .iter()
-            .filter(|&&r| argmax[r] == local_labels[r])
+            .filter(|&&r| argmax[r] == set.local_labels[r])
             .count();
         let anchors_ok = anchors_kept as f64
-            >= settings.min_anchor_agreement * anchor_rows.len() as f64
-            && exact_rows.iter().all(|&r| argmax[r] == local_labels[r]);
+            >= settings.min_anchor_agreement * set.anchor_rows.len() as f64
+            && set.slipped_sequences(&logits)?.is_empty();
         tracing::debug!(
             step,
             target_loss,
             anchors_kept,
-            anchors = anchor_rows.len(),
+            anchors = set.anchor_rows.len(),
+            watched = promoted.iter().filter(|p| !**p).count(),
             ms = step_start.elapsed().as_millis() as u64,
             "ftm step"
         );
         if all_right && anchors_ok && target_loss < settings.stop_loss {
-            converged = true;
-            break;
+            let check_start = std::time::Instant::now();
+            let moved: Vec<usize> = match &watch {
+                None => Vec::new(),
+                Some(w) => {
+                    let logits = w.logits(model, &a_eff.detach(), &bm.as_tensor().detach())?;
+                    w.slipped_sequences(&logits)?
+                        .into_iter()
+                        .filter(|&i| !promoted[i])
+                        .collect()
+                }
+            };
+            let check_ms = check_start.elapsed().as_millis() as u64;
+            if moved.is_empty() {
+                converged = true;
+                break;
+            }
+            tracing::debug!(
+                check_ms,
+                step,
+                moved = moved.len(),
+                "watched anchors moved; training on them"
+            );
+            // The watch set stays as built (rebuilding it would run every
+            // remaining anchor through the lower layers again); promoted
+            // anchors are checked by the training set from now on.
+            for i in moved {
+                promoted[i] = true;
+                trained.push(watched[i].clone());
+            }
+            set = LossSet::build(model, &trained, settings, shared)?;
         }
         let grads = loss.backward()?;
         let grad_a = grads
@@ -412,5 +603,6 @@ pub fn train(
         steps,
         final_loss,
         converged,
+        anchors_promoted: promoted.iter().filter(|p| **p).count(),
     })
 }

@@ -84,11 +84,13 @@ impl Default for EditorSettings {
 }
 
 /// With `AnchorMode::Keys`, how many questions of the profile's active
-/// preferences (the most recent ones: 16 preferences of 3 questions) keep
-/// their answers through the cross-entropy term as well; every one of them
-/// is in the key term. Bounds the step's cost however large the profile
-/// grows.
-pub const LOSS_ANCHORS_FROM_PROFILE: usize = 48;
+/// preferences (the most recent ones: 50 preferences of 3 questions) are
+/// kept exactly; the gate checks every one of them in any case. They are
+/// watched, not trained (see [`ftm::train`]): each costs a pass through the
+/// lower layers once per edit and a gradient-free check whenever training is
+/// ready to stop, and joins the loss only once the edit moves it. Bounds an
+/// edit's cost however large the profile grows.
+pub const PROFILE_ANCHORS: usize = 150;
 
 /// How anchors keep their answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,10 +106,10 @@ pub enum AnchorMode {
     /// Keep the layer's output on the anchors' keys (a soft
     /// ‖ΔW·K₀‖² penalty, see [`ftm::AnchorKeys`]): the anchors run once, up to
     /// layer L, and each step costs only the request's own questions — plus
-    /// the questions of the most recent active preferences
-    /// ([`LOSS_ANCHORS_FROM_PROFILE`]), whose answers are kept exactly with
-    /// cross-entropy: an earlier edit's answer is fragile, and a small
-    /// relative change of the layer's output breaks it. When the gate
+    /// those questions of the most recent active preferences
+    /// ([`PROFILE_ANCHORS`]) that the edit has moved, whose answers are then
+    /// kept exactly with cross-entropy: an earlier edit's answer is fragile,
+    /// and a small relative change of the layer's output breaks it. When the gate
     /// refuses the first attempt, the retry trains as [`AnchorMode::Loss`]
     /// would on its first attempt.
     Keys,
@@ -331,9 +333,9 @@ impl Editor {
     /// The anchors of an edit, each with the answer it must keep: the
     /// current model's own short greedy answers to the shipped general and
     /// personal anchor questions (minus those about the request's attribute),
-    /// and every question of each other active preference with its target
-    /// (marked `exact`: training may not stop while one of its tokens has
-    /// moved).
+    /// and every question of the most recent other active preferences (up
+    /// to [`PROFILE_ANCHORS`] questions) with its target (marked `exact`:
+    /// training may not stop while one of its tokens has moved).
     fn anchor_sequences(
         &self,
         engine: &mut Engine,
@@ -364,10 +366,19 @@ impl Editor {
             anchors.push(self.sequence(engine, &question, &answer, false)?);
         }
         let shipped = anchors.len();
-        for other in active
+        let mut others: Vec<&Edit> = active
             .iter()
             .filter(|e| !same_attribute(&e.request.attribute, &request.attribute))
-        {
+            .collect();
+        // The most recent ones, oldest first, up to PROFILE_ANCHORS questions.
+        let mut kept = 0;
+        let mut first = others.len();
+        while first > 0 && kept + others[first - 1].request.asked().count() <= PROFILE_ANCHORS {
+            first -= 1;
+            kept += others[first].request.asked().count();
+        }
+        others.drain(..first);
+        for other in others {
             let mut answer: Vec<u32> = engine
                 .tokenize_plain(other.request.target.trim())
                 .into_iter()
@@ -533,9 +544,7 @@ impl Editor {
         if self.settings.anchors.trains() {
             sequences.extend(anchors.iter().cloned());
         } else if self.settings.anchors.keeps_keys() {
-            let from_profile = &anchors[shipped_anchors..];
-            let recent = from_profile.len().saturating_sub(LOSS_ANCHORS_FROM_PROFILE);
-            sequences.extend(from_profile[recent..].iter().cloned());
+            sequences.extend(anchors[shipped_anchors..].iter().cloned());
         }
 
         let dir = self.cache_dir.join("nullspace");

@@ -127,7 +127,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "job-work-in",
-            r"i (?:currently |used to )?work(?:ed)? (?:in|at|for) (.+)",
+            r"i (?:currently |used to )?work(?:ed)? (?:full[- ]?time |part[- ]?time )?(?:in|at|for) (.+)",
             "job",
             Is,
             0.85,
@@ -224,7 +224,27 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             Is,
             0.7,
         ),
-        r("am-a", r"i(?:'m| am) (?:a|an) (.+)", "identity", Is, 0.6),
+        r(
+            "my-hobby",
+            r"my (?:main |biggest |only |new |current )?(?:hobby|hobbies|pastime|pastimes|passion|passions) (?:is|are|includes?|would be|has always been) (.+)",
+            "hobby",
+            Is,
+            0.9,
+        ),
+        r(
+            "pet-named",
+            r"i (?:have|own|got|adopted) (?:a |an |two |three |\d+ )?((?:\w+ ){0,2}\w+) (?:named|called) (.+)",
+            "pet",
+            Is,
+            0.75,
+        ),
+        r(
+            "am-a",
+            r"i(?:'m| am) (?:also |now |currently |still |actually |basically |naturally )?(?:a|an|the) (.+)",
+            "identity",
+            Is,
+            0.6,
+        ),
         r(
             "have-family",
             r"i have ((?:no|one|a|an|two|three|four|five|six|seven|eight|nine|ten|\d+) (?:(?:\w+ )?(?:kids?|child|children|sons?|daughters?|siblings?|brothers?|sisters?|grandchildren|grandkids|grandsons?|granddaughters?|twins?|stepsons?|stepdaughters?)|husband|wife|partner|boyfriend|girlfriend|fianc[ée]e?|father|mother|dad|mom|mum)\b.*)",
@@ -331,6 +351,13 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             0.6,
         ),
         r(
+            "goal",
+            r"i (?:really |still )?(?:want|plan|am planning|'m planning|intend) to (.+)",
+            "goal",
+            Is,
+            0.5,
+        ),
+        r(
             "heritage",
             r"i(?:'m| am) of (?:the )?(.+?) (?:faith|religion|descent|heritage|origin)",
             "background",
@@ -412,12 +439,24 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
 
 static HYPOTHETICAL: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)\b(?:if i|if you|i wish|i'd|i would|would i|were i|imagine|suppose|supposing|let's say|let us say|pretend|hypothetically|in a (?:dream|parallel)|someday i might|i might|maybe i|i could see myself|i hope to|when i grow up)\b",
+        r"(?i)\b(?:if i|if you|i wish|i'd|i would|would i|were i|imagine|suppose|supposing|let's say|let us say|pretend|hypothetically|in a (?:dream|parallel)|someday i might|i might|maybe i|i could see myself|i hope to)\b",
     )
 });
 static QUESTION_START: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"(?i)^(?:what|who|where|when|why|how|which|do|does|did|can|could|would|should|is|are|am|will|shall|may|have you|has)\b",
+    )
+});
+/// Someone else's words, reported: "…, said my nephew".
+static REPORTED: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)[,;]\s*(?:said|says|asked|asks|told me|tells me|wrote|writes) (?:my|our|his|her|their|the|a|an)?\s*\w+\s*$",
+    )
+});
+/// People, who are never pets.
+static PERSON_NOUN: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)\b(?:friend|brother|sister|son|daughter|kid|child|boy|girl|boyfriend|girlfriend|husband|wife|partner|cousin|uncle|aunt|nephew|niece|neighbou?r|roommate|teacher|boss|colleague|coworker|baby|man|woman|guy|person)s?$",
     )
 });
 /// Sentences that are about someone else, even when they start with "my".
@@ -505,6 +544,9 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     if QUESTION_START.is_match(body) && !body.to_ascii_lowercase().starts_with("am ") {
         return Err(Skip::Question);
     }
+    if REPORTED.is_match(body) {
+        return Err(Skip::Quoted);
+    }
     if HYPOTHETICAL.is_match(body) {
         return Err(Skip::Hypothetical);
     }
@@ -560,6 +602,15 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
         let target = match rule.name {
             // The verb is part of the hobby: "play chess", "collect stamps".
             "pet-name" => format!("{} named {}", group(1), clean_target(group(2))),
+            // The animal is the preference; its name is not ("a turtle
+            // named Timothy" → "turtle").
+            "pet" => {
+                let t = clean_target(&target);
+                match t.split_once(" named ").or_else(|| t.split_once(" called ")) {
+                    Some((animal, _)) => animal.trim().to_string(),
+                    None => t,
+                }
+            }
             "collection" => format!("collecting {}", clean_target(group(1))),
             "learning" => format!("learning {}", clean_target(group(1))),
             "hobby-verb" | "activity-verb" => format!("{} {}", group(1), clean_target(group(2)))
@@ -569,6 +620,10 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
         };
         let attribute = attribute.trim().to_ascii_lowercase();
         if rule.name == "am-trait" && NOT_A_TRAIT.is_match(&target) {
+            continue;
+        }
+        // "I have a friend named Sam" is not a pet.
+        if rule.name == "pet-named" && PERSON_NOUN.is_match(&target) {
             continue;
         }
         if target.is_empty() || target.split_whitespace().count() > 12 || attribute.is_empty() {
@@ -738,11 +793,53 @@ mod tests {
             ("My brother loves golf.", Skip::OtherPerson),
             ("My wife is allergic to cats.", Skip::OtherPerson),
             ("\"I love you\" is what he said.", Skip::Quoted),
+            (
+                "I want to be an astronaut when I grow up, said my nephew.",
+                Skip::Quoted,
+            ),
             ("The weather is nice today.", Skip::NoRule),
         ];
         for (text, why) in cases {
             assert_eq!(extract_sentence(text), Err(why), "{text}");
         }
+    }
+
+    #[test]
+    fn hobbies_pets_and_roles() {
+        assert_extracts(&[
+            ("My hobby is graphic design.", "hobby", "graphic design"),
+            (
+                "My hobbies are knitting and chess.",
+                "hobby",
+                "knitting and chess",
+            ),
+            ("I have a turtle named Timothy.", "pet", "turtle"),
+            (
+                "I have a golden retriever named Ginger.",
+                "pet",
+                "golden retriever",
+            ),
+            (
+                "I am also a musician on the weekends.",
+                "identity",
+                "musician on the weekends",
+            ),
+            (
+                "I am the lead singer in a band.",
+                "identity",
+                "lead singer in a band",
+            ),
+            (
+                "I want to be a doctor when I grow up.",
+                "career goal",
+                "doctor",
+            ),
+            ("I want to learn how to draw.", "goal", "learn how to draw"),
+            ("I work full time in a shipyard.", "job", "a shipyard"),
+        ]);
+        // A person with a name is not a pet.
+        let c = one("I have a son named Jack.");
+        assert_eq!(c.attribute, "family");
     }
 
     #[test]
@@ -772,10 +869,11 @@ mod tests {
             ("I worked at a bakery for years.", "job", "a bakery"),
             ("I only drink green tea.", "activity", "drink green tea"),
         ]);
-        // Reported speech and childhood dreams are not the user's plans.
+        // Reported speech is someone else's plan. (A user's own "when I grow
+        // up" is a stated goal, see `hobbies_pets_and_roles`.)
         assert_eq!(
             extract_sentence("I want to be a pilot when I grow up, said my son."),
-            Err(Skip::Hypothetical)
+            Err(Skip::Quoted)
         );
         assert_eq!(
             extract_sentence("I hope to become a doctor one day."),
