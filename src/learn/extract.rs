@@ -155,7 +155,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "relationship",
-            r"i(?:'m| am) (?:happily |recently )?((?:married|single|divorced|engaged|widowed|unmarried|in a relationship)\b.*)",
+            r"i(?:'m| am) (?:happily |recently )?((?:married|single|divorced|engaged|widowed|unmarried|in an? (?:\w+ ){0,3}relationship)\b.*)",
             "relationship status",
             Is,
             0.9,
@@ -170,7 +170,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "pet",
-            r"i (?:have|own|got|adopted) (?:a |an |two |three |four |\d+ )?(?:pet |little |big |old |young |rescue |new )?((?:\w+ )?(?:dog|dogs|cat|cats|puppy|kitten|turtle|turtles|parrot|hamster|rabbit|bunny|fish|goldfish|snake|lizard|horse|ferret|guinea pig|bird|birds|iguana|gecko|tortoise)\b.*)",
+            r"i (?:have|own|got|adopted) (?:a |an |two |three |four |\d+ )?(?:pet |little |big |old |young |rescue |new )?((?:\w+ ){0,2}(?:dog|cat|puppy|puppies|kitten|turtle|parrot|hamster|rabbit|bunny|bunnies|fish|goldfish|snake|lizard|horse|pony|ponies|ferret|guinea pig|bird|iguana|gecko|tortoise|chicken|goat|pig|cow|sheep|mouse|mice|rat|frog|spider)s?\b.*)",
             "pet",
             Is,
             0.85,
@@ -191,7 +191,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "dislike",
-            r"i (?:really |absolutely |totally |just |honestly )?(?:hate|dislike|detest|loathe|can't stand|cannot stand|can not stand|don't like|do not like|don't enjoy|do not enjoy|don't eat|do not eat|avoid|never eat|never drink)(?: to)? (.+)",
+            r"i (?:(?:really|absolutely|totally|just|truly|also|honestly|strongly|definitely|generally|much|always|usually|actually|particularly|especially|greatly|deeply|simply|still) )*(?:hate|dislike|detest|loathe|can't stand|cannot stand|can not stand|don't like|do not like|don't enjoy|do not enjoy|don't eat|do not eat|avoid|never eat|never drink|steer clear of|stay away from)(?: to)? (.+)",
             "dislikes",
             Dislike,
             0.85,
@@ -205,7 +205,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "like",
-            r"i (?:really |absolutely |totally |just |truly |also )?(?:love|like|enjoy|adore|prefer|am into|'m into|am passionate about|'m passionate about|am obsessed with|'m obsessed with|am a (?:big |huge )?fan of|'m a (?:big |huge )?fan of|am crazy about|'m crazy about)(?: to)? (.+)",
+            r"i (?:(?:really|absolutely|totally|just|truly|also|honestly|strongly|definitely|generally|much|always|usually|actually|particularly|especially|greatly|deeply|simply|still) )*(?:love|like|enjoy|adore|prefer|am into|'m into|am passionate about|'m passionate about|am obsessed with|'m obsessed with|am a (?:big |huge )?fan of|'m a (?:big |huge )?fan of|am crazy about|'m crazy about)(?: to)? (.+)",
             "likes",
             Like,
             0.8,
@@ -260,11 +260,39 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             0.85,
         ),
         r(
+            "aversion",
+            r"i have (?:an? )?(?:strong |deep |real |intense |serious |big )?(?:aversion to|dislike (?:for|of)|distaste for|hatred of|phobia of) (.+)",
+            "dislikes",
+            Dislike,
+            0.85,
+        ),
+        r(
+            "preference-have",
+            r"i have (?:an? )?(?:strong |clear |definite |real |big )?(?:preference for|passion for|love (?:for|of)|soft spot for|weakness for) (.+)",
+            "likes",
+            Like,
+            0.85,
+        ),
+        r(
             "allergy-have",
             r"i have (?:an? )?(?:severe |bad )?(?:allergy|allergies) to (.+)",
             "allergy",
             Is,
             0.9,
+        ),
+        r(
+            "allergy-kind",
+            r"i have (?:an? )?(?:severe |bad |serious |mild |life-threatening )?(\w+(?: \w+)?) (?:allergy|allergies|intolerance)\b.*",
+            "allergy",
+            Is,
+            0.9,
+        ),
+        r(
+            "sensitive",
+            r"i(?:'m| am) (?:very |highly |extremely |quite )?(?:sensitive|intolerant) to (.+)",
+            "allergy",
+            Is,
+            0.85,
         ),
         r(
             "religion",
@@ -391,6 +419,27 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             "routine",
             Is,
             0.6,
+        ),
+        r(
+            "age-decade",
+            r"i(?:'m| am) (in my (?:early |mid |late )?(?:teens|twenties|thirties|forties|fifties|sixties|seventies|eighties|nineties|\d0s))\b.*",
+            "age",
+            Is,
+            0.85,
+        ),
+        r(
+            "service",
+            r"i(?:'m| am) (?:currently |now )?(?:in|serving in|enlisted in) the ((?:us |u\.s\. |british |royal )?(?:army|navy|air force|marines|marine corps|military|national guard|coast guard|reserves)\b.*)",
+            "profession",
+            Is,
+            0.85,
+        ),
+        r(
+            "employed-by",
+            r"i(?:'m| am) (?:currently |now )?(?:employed|hired) (?:by|at) (.+)",
+            "job",
+            Is,
+            0.85,
         ),
         r(
             "retired",
@@ -835,6 +884,43 @@ mod tests {
                 "doctor",
             ),
             ("I want to learn how to draw.", "goal", "learn how to draw"),
+            ("I strongly dislike theme parks.", "dislikes", "theme parks"),
+            (
+                "I have a strong aversion to crowded beaches.",
+                "dislikes",
+                "crowded beaches",
+            ),
+            (
+                "I have a strong preference for sustainable fashion.",
+                "likes",
+                "sustainable fashion",
+            ),
+            ("I have a severe peanut allergy.", "allergy", "peanut"),
+            (
+                "I have a German shepherd dog.",
+                "pet",
+                "German shepherd dog",
+            ),
+            ("I have two horses.", "pet", "horses"),
+            ("I have a pet cow.", "pet", "cow"),
+            ("I am in the army.", "profession", "army"),
+            (
+                "I am employed by the postal service.",
+                "job",
+                "the postal service",
+            ),
+            ("I am in my thirties.", "age", "in my thirties"),
+            (
+                "I am in an open relationship.",
+                "relationship status",
+                "in an open relationship",
+            ),
+            (
+                "I have a severe allergy to shellfish.",
+                "allergy",
+                "shellfish",
+            ),
+            ("I'm very sensitive to caffeine.", "allergy", "caffeine"),
             ("I work full time in a shipyard.", "job", "a shipyard"),
         ]);
         // A person with a name is not a pet.
