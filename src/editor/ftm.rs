@@ -188,6 +188,17 @@ impl Adam {
     }
 }
 
+/// How far `label`'s logit lies above the best other token's.
+fn lead(logits: &[f32], label: usize) -> f32 {
+    let rival = logits
+        .iter()
+        .enumerate()
+        .filter(|&(t, _)| t != label)
+        .map(|(_, &v)| v)
+        .fold(f32::NEG_INFINITY, f32::max);
+    logits[label] - rival
+}
+
 /// One set of sequences prepared for the loss: their layer-L prefix, which
 /// rows the loss reads, and a candidate vocabulary for the softmax.
 struct LossSet {
@@ -298,14 +309,7 @@ impl LossSet {
                 if !exact {
                     return 0.0;
                 }
-                let own = row[label as usize];
-                let rival = row
-                    .iter()
-                    .enumerate()
-                    .filter(|&(t, _)| t != label as usize)
-                    .map(|(_, &v)| v)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                EXACT_MARGIN.min((own - rival).max(0.0) / 2.0)
+                EXACT_MARGIN.min(lead(row, label as usize).max(0.0) / 2.0)
             })
             .collect();
         let mut vocab: Vec<u32> = labels.clone();
@@ -379,14 +383,7 @@ impl LossSet {
         let rows = logits.index_select(&picked, 0)?.to_vec2::<f32>()?;
         let mut slipped: Vec<usize> = Vec::new();
         for (&r, row) in self.exact_rows.iter().zip(&rows) {
-            let label = self.local_labels[r] as usize;
-            let rival = row
-                .iter()
-                .enumerate()
-                .filter(|&(t, _)| t != label)
-                .map(|(_, &v)| v)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let lead = row[label] - rival;
+            let lead = lead(row, self.local_labels[r] as usize);
             // A tie or worse is always a slip, whatever the floor.
             if lead <= 0.0 || lead < self.margin_floor[r] {
                 slipped.push(self.row_sequence[r]);
@@ -605,4 +602,26 @@ pub fn train(
         converged,
         anchors_promoted: promoted.iter().filter(|p| **p).count(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lead_is_the_gap_to_the_best_other_token() {
+        let logits = [1.0, 3.0, 2.5, -4.0];
+        assert_eq!(lead(&logits, 1), 0.5);
+        assert_eq!(lead(&logits, 2), -0.5);
+        assert_eq!(lead(&logits, 3), -7.0);
+    }
+
+    #[test]
+    fn initialisation_is_deterministic_and_scaled() {
+        let a = init_normal(4096, 0.1, 7);
+        assert_eq!(a, init_normal(4096, 0.1, 7));
+        assert_ne!(a, init_normal(4096, 0.1, 8));
+        let var = a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32;
+        assert!((var.sqrt() - 0.1).abs() < 0.01, "std {}", var.sqrt());
+    }
 }
