@@ -46,6 +46,9 @@ pub struct LearningConfig {
     pub cluster_size: usize,
     pub inbox: String,
     pub llm_extractor: bool,
+    /// Ask the model for synonyms of attributes the lexicon does not know
+    /// (`learn::cluster::refine_with_model`).
+    pub model_synonyms: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

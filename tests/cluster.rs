@@ -94,7 +94,7 @@ impl imprint::profile::PassphraseSource for Fixed {
 /// `only_template_clusters_are_refined`.)
 #[test]
 fn the_edit_job_trains_on_the_refined_cluster() {
-    use imprint::learn::{queue_edit, run_edit_job, JobResult};
+    use imprint::learn::{queue_edit, run_edit_job, JobOptions, JobResult};
     use imprint::profile::{KeyChoice, NewPreference, PreferenceStatus, Profile, SourceRef};
     let dir = tempfile::tempdir().unwrap();
     let (mut profile, _) = Profile::create(
@@ -135,7 +135,16 @@ fn the_edit_job_trains_on_the_refined_cluster() {
 
     let job_id = queue_edit(&profile, id, &sha).unwrap();
     let job = profile.claim_job_id(job_id).unwrap().unwrap();
-    let result = run_edit_job(&mut profile, &mut engine, &mut editor, &job, |_| {}).unwrap();
+    let options = JobOptions::default();
+    let result = run_edit_job(
+        &mut profile,
+        &mut engine,
+        &mut editor,
+        &job,
+        &options,
+        |_| {},
+    )
+    .unwrap();
     let JobResult::Edited(outcome) = result else {
         panic!("the job was skipped");
     };

@@ -144,7 +144,8 @@ fn run_job(
     job: &imprint::profile::Job,
 ) -> Result<Option<EditOutcome>> {
     let spinner = app.spinner("preparing the edit");
-    let result = learn::run_edit_job(profile, engine, editor, job, |stage| {
+    let options = learn::JobOptions::from_config(&app.config.config.learning);
+    let result = learn::run_edit_job(profile, engine, editor, job, &options, |stage| {
         spinner.set_message(stage.to_string())
     });
     spinner.finish_and_clear();

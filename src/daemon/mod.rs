@@ -429,6 +429,7 @@ pub fn run(
         let worker_options = worker::WorkerOptions {
             engine: options.engine.clone(),
             editor: options.editor.clone(),
+            job: crate::learn::JobOptions::from_config(&options.config.learning),
         };
         std::thread::Builder::new()
             .name("editor".into())

@@ -28,6 +28,7 @@ const POLL: Duration = Duration::from_secs(5);
 pub struct WorkerOptions {
     pub engine: EngineOptions,
     pub editor: EditorSettings,
+    pub job: crate::learn::JobOptions,
 }
 
 /// What the worker is doing, for `status`.
@@ -113,7 +114,7 @@ pub fn run(shared: Arc<Shared>, options: WorkerOptions, mut profile: Profile, wa
             }
         }
         let Some(l) = loaded.as_mut() else { continue };
-        run_one(&shared, &mut profile, l, &job);
+        run_one(&shared, &mut profile, l, &options.job, &job);
     }
     // The connection closes before anyone is told the worker stopped
     // (profile deletion waits for exactly that).
@@ -180,7 +181,13 @@ fn stage_progress(stage: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn run_one(shared: &Shared, profile: &mut Profile, loaded: &mut Loaded, job: &crate::profile::Job) {
+fn run_one(
+    shared: &Shared,
+    profile: &mut Profile,
+    loaded: &mut Loaded,
+    job_options: &crate::learn::JobOptions,
+    job: &crate::profile::Job,
+) {
     let preference = crate::learn::EditJob::from_job(job)
         .ok()
         .map(|j| j.preference_id);
@@ -198,6 +205,7 @@ fn run_one(shared: &Shared, profile: &mut Profile, loaded: &mut Loaded, job: &cr
         &mut loaded.engine,
         &mut loaded.editor,
         job,
+        job_options,
         |stage| {
             let progress = stage_progress(stage);
             shared.set_worker(|s| {

@@ -111,7 +111,8 @@ pub enum AnchorMode {
     /// kept exactly with cross-entropy: an earlier edit's answer is fragile,
     /// and a small relative change of the layer's output breaks it. When the gate
     /// refuses the first attempt, the retry trains as [`AnchorMode::Loss`]
-    /// would on its first attempt.
+    /// would on its first attempt (with twice the steps if the edit did not
+    /// learn its own questions).
     Keys,
     /// Both.
     Both,
@@ -846,6 +847,12 @@ impl Editor {
                 sequences.retain(|s| s.is_target);
                 sequences.extend(anchors.iter().cloned());
                 ftm_settings.anchor_weight = self.settings.anchor_weight;
+                // An edit that did not learn its own questions ran out of
+                // steps (every refusal of that kind in the session-7 runs
+                // used all 40); the loss anchors only add constraints.
+                if !efficacy_ok {
+                    ftm_settings.max_steps *= 2;
+                }
                 continue;
             }
             // Otherwise stronger settings.

@@ -99,14 +99,38 @@ pub enum JobResult {
 /// editor (on top of the model's other active edits), then stores it and
 /// completes the job in one transaction. On failure the job is marked
 /// failed with the reason. The caller rebuilds the adapter afterwards.
+/// The user's choices an edit job follows (`[learning]` in the config).
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Refine a template-only cluster with the model's synonyms first.
+    pub model_synonyms: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        Self {
+            model_synonyms: true,
+        }
+    }
+}
+
+impl JobOptions {
+    pub fn from_config(learning: &crate::config::LearningConfig) -> Self {
+        Self {
+            model_synonyms: learning.model_synonyms,
+        }
+    }
+}
+
 pub fn run_edit_job(
     profile: &mut Profile,
     engine: &mut Engine,
     editor: &mut Editor,
     job: &Job,
+    options: &JobOptions,
     progress: impl FnMut(&str),
 ) -> Result<JobResult, LearnError> {
-    let result = run_inner(profile, engine, editor, job, progress);
+    let result = run_inner(profile, engine, editor, job, options, progress);
     match &result {
         Ok(JobResult::Skipped(why)) => profile.finish_job(job.id, None).map(|_| {
             tracing::info!("job {} skipped: {why}", job.id);
@@ -122,6 +146,7 @@ fn run_inner(
     engine: &mut Engine,
     editor: &mut Editor,
     job: &Job,
+    options: &JobOptions,
     mut progress: impl FnMut(&str),
 ) -> Result<JobResult, LearnError> {
     let spec = EditJob::from_job(job)?;
@@ -151,7 +176,7 @@ fn run_inner(
             ),
         });
     }
-    if cluster::is_template_cluster(&preference) {
+    if options.model_synonyms && cluster::is_template_cluster(&preference) {
         // An attribute the lexicon does not know: the model may know better
         // ways to ask about it than the templates do.
         progress("asking the model for synonyms");
