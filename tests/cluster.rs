@@ -90,7 +90,7 @@ impl imprint::profile::PassphraseSource for Fixed {
 
 /// The edit job refines a template cluster before it trains: the stored
 /// cluster becomes the refined one (audited) and the edit is trained on its
-/// questions. (That lexicon clusters are left alone is the unit test
+/// questions; with the switch off, it trains on the templates. (That lexicon clusters are left alone is the unit test
 /// `only_template_clusters_are_refined`.)
 #[test]
 fn the_edit_job_trains_on_the_refined_cluster() {
@@ -112,6 +112,38 @@ fn the_edit_job_trains_on_the_refined_cluster() {
     };
     let cache = std::env::temp_dir().join("imprint-test-cache");
     let mut editor = imprint::editor::Editor::load(&model, &sha, &cache, settings).unwrap();
+
+    // With `[learning] model_synonyms = false` the template cluster is
+    // trained as it is and never rewritten.
+    let kept_attribute = "favorite card game";
+    let kept_template = cluster::build(kept_attribute, Polarity::Like, 3);
+    let kept_id = profile
+        .add_preference(&NewPreference {
+            attribute: kept_attribute.into(),
+            target: "Cribbage".into(),
+            polarity: Polarity::Like,
+            statement: "My favorite card game is Cribbage.".into(),
+            confidence: 1.0,
+            status: PreferenceStatus::Active,
+            source: SourceRef::Manual {
+                note: "test".into(),
+            },
+            cluster: kept_template.clone(),
+        })
+        .unwrap();
+    let job_id = queue_edit(&profile, kept_id, &sha).unwrap();
+    let job = profile.claim_job_id(job_id).unwrap().unwrap();
+    let off = JobOptions {
+        model_synonyms: false,
+    };
+    let result = run_edit_job(&mut profile, &mut engine, &mut editor, &job, &off, |_| {}).unwrap();
+    let JobResult::Edited(outcome) = result else {
+        panic!("the job was skipped");
+    };
+    assert_eq!(profile.preference(kept_id).unwrap().cluster, kept_template);
+    let template_questions: Vec<String> =
+        kept_template.iter().map(|m| m.question.clone()).collect();
+    assert_eq!(outcome.edit.request.questions, template_questions);
 
     let attribute = "favorite board game";
     let template = cluster::build(attribute, Polarity::Like, 3);
