@@ -101,6 +101,10 @@ fn ftm_sequential_smoke_run_on_five_items() {
         &["--every", "20", "--limit", "5", "--cluster-size", "1"],
     );
     check_shape(&report, 5);
+    assert_eq!(
+        report["profiles"], 1,
+        "five attribute types fit one profile"
+    );
     let accepted = report["edits_accepted"].as_u64().unwrap();
     assert!(accepted <= 5);
     for r in report["results"].as_array().unwrap() {

@@ -111,6 +111,9 @@ pub struct UpqaArgs {
     /// How many cluster questions train each edit (k, the last k of the cluster).
     #[arg(long, default_value_t = 3)]
     cluster_size: usize,
+    /// single: each edit alone on the base model. sequential: edits stack
+    /// in a profile, one profile per persona (at most one item per attribute
+    /// type; the j-th item of each type in profile j).
     #[arg(long, value_enum, default_value = "sequential")]
     mode: EvalMode,
     /// Take every n-th item (balanced_subset lists 10 items per attribute

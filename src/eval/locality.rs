@@ -172,6 +172,30 @@ impl LocalityReport {
         self.tokens_same as f64 / self.tokens_total.max(1) as f64
     }
 
+    /// Several profiles' reports as one: counts summed, perplexities
+    /// averaged. None for none.
+    pub fn pooled(reports: Vec<LocalityReport>) -> Option<LocalityReport> {
+        let n = reports.len();
+        let mut it = reports.into_iter();
+        let mut all = it.next()?;
+        for r in it {
+            all.unrelated_total += r.unrelated_total;
+            all.unrelated_unchanged += r.unrelated_unchanged;
+            all.tokens_total += r.tokens_total;
+            all.tokens_same += r.tokens_same;
+            all.knowledge_total += r.knowledge_total;
+            all.knowledge_before += r.knowledge_before;
+            all.knowledge_after += r.knowledge_after;
+            all.perplexity_before += r.perplexity_before;
+            all.perplexity_after += r.perplexity_after;
+            all.changed_examples.extend(r.changed_examples);
+        }
+        all.perplexity_before /= n as f64;
+        all.perplexity_after /= n as f64;
+        all.changed_examples.truncate(40);
+        Some(all)
+    }
+
     pub fn perplexity_change(&self) -> f64 {
         self.perplexity_after / self.perplexity_before - 1.0
     }
@@ -248,6 +272,39 @@ impl LocalityReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(unchanged: usize, ppl_after: f64) -> LocalityReport {
+        LocalityReport {
+            unrelated_total: 100,
+            unrelated_unchanged: unchanged,
+            tokens_total: 1000,
+            tokens_same: 900,
+            knowledge_total: 100,
+            knowledge_before: 58,
+            knowledge_after: 55,
+            perplexity_before: 20.0,
+            perplexity_after: ppl_after,
+            changed_examples: vec!["a → b ⟶ c".into()],
+        }
+    }
+
+    #[test]
+    fn pooled_reports_sum_counts_and_average_perplexity() {
+        assert!(LocalityReport::pooled(Vec::new()).is_none());
+        let all = LocalityReport::pooled(vec![report(40, 21.0), report(60, 19.0)]).unwrap();
+        assert_eq!((all.unrelated_unchanged, all.unrelated_total), (100, 200));
+        assert_eq!(
+            (
+                all.knowledge_before,
+                all.knowledge_after,
+                all.knowledge_total
+            ),
+            (116, 110, 200)
+        );
+        assert_eq!(all.tokens_same, 1800);
+        assert!((all.perplexity_change()).abs() < 1e-12);
+        assert_eq!(all.changed_examples.len(), 2);
+    }
     use crate::editor::prompts;
 
     #[test]

@@ -230,12 +230,38 @@ pub struct UpqaReport {
     /// Sequential edits only: unrelated answers, general knowledge and
     /// perplexity, before and after all edits.
     pub locality: Option<LocalityReport>,
+    /// Edit methods: how many profiles the items were edited into (see
+    /// [`persona_profiles`]; `single` mode: one per item).
+    pub profiles: usize,
     pub items: usize,
     pub scores: Vec<TypeScore>,
     pub edits_accepted: Option<usize>,
     pub edit_seconds_median: Option<f64>,
     pub edit_seconds_p95: Option<f64>,
     pub results: Vec<ItemResult>,
+}
+
+/// Sequential mode's profiles, as lists of item indices: the j-th item of
+/// each attribute type goes to profile j. UPQA's items are different
+/// personas, and `balanced_subset.json` holds ten per type that share their
+/// explicit question ("What's my hobby?") with different targets; one
+/// profile holding them all would have to give ten hobbies one answer. A
+/// profile here holds at most one preference per attribute type, as a real
+/// user's does; with one item per type (`--every 10`) there is one profile.
+pub fn persona_profiles(items: &[UpqaItem]) -> Vec<Vec<usize>> {
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    let mut profiles: Vec<Vec<usize>> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let count = seen
+            .entry(item.attribute_type.trim().to_lowercase())
+            .or_insert(0);
+        if profiles.len() <= *count {
+            profiles.push(Vec::new());
+        }
+        profiles[*count].push(i);
+        *count += 1;
+    }
+    profiles
 }
 
 pub struct UpqaRun<'a> {
@@ -406,6 +432,7 @@ impl UpqaRun<'_> {
         };
         let mut done = 0;
         let mut locality = None;
+        let mut profiles = 0;
         engine.set_adapter(None)?;
         match (self.method, editor) {
             (EvalMethod::None | EvalMethod::PromptTurn, _) => {
@@ -440,64 +467,61 @@ impl UpqaRun<'_> {
                 return Err(EditorError::Invalid("edit methods need the editor".into()));
             }
             (EvalMethod::Ftm | EvalMethod::Rome, Some(editor)) => {
-                let mut active: Vec<Edit> = Vec::new();
                 let adapter = self.adapter_dir.join("eval.gguf");
-                for (i, r) in results.iter_mut().enumerate() {
-                    let request = EditRequest {
-                        attribute: self.items[i].attribute_type.clone(),
-                        target: self.items[i].target.clone(),
-                        questions: self.training_questions(i),
-                    };
-                    let context: &[Edit] = if self.mode == EvalMode::Sequential {
-                        &active
-                    } else {
-                        &[]
-                    };
-                    let started = Instant::now();
-                    let outcome = editor.compute(engine, &request, context, |_| {})?;
-                    r.training_questions = request.questions.clone();
-                    r.edit_seconds = Some(started.elapsed().as_secs_f64());
-                    r.edit_accepted = Some(outcome.accepted);
-                    r.edit_locality = Some(format!(
-                        "{}/{}",
-                        outcome.edit.metrics.locality_kept, outcome.edit.metrics.locality_total
-                    ));
-                    r.edit_rejection = outcome.reason.clone();
-                    r.edit_steps = Some(outcome.edit.metrics.steps);
-                    r.edit_train_seconds = Some(outcome.edit.metrics.train_seconds);
-                    if self.mode == EvalMode::Single {
-                        let edits: Vec<&Edit> = if outcome.accepted {
-                            vec![&outcome.edit]
-                        } else {
-                            vec![]
+                let groups = match self.mode {
+                    EvalMode::Single => (0..n).map(|i| vec![i]).collect(),
+                    EvalMode::Sequential => persona_profiles(self.items),
+                };
+                profiles = groups.len();
+                let mut localities = Vec::new();
+                for members in &groups {
+                    // One profile: its edits stack, then its items are asked.
+                    let mut active: Vec<Edit> = Vec::new();
+                    for &i in members {
+                        let r = &mut results[i];
+                        let request = EditRequest {
+                            attribute: self.items[i].attribute_type.clone(),
+                            target: self.items[i].target.clone(),
+                            questions: self.training_questions(i),
                         };
-                        let has = write_adapter(&edits, "llama", self.model_sha256, &adapter)?;
-                        engine.set_adapter(has.then_some(adapter.as_path()))?;
-                        r.questions = self.ask_all(engine, i, self.system_prompt)?;
-                        engine.set_adapter(None)?;
-                    } else if outcome.accepted {
-                        active.push(outcome.edit);
-                    }
-                    done += 1;
-                    progress(done, total_steps);
-                }
-                if self.mode == EvalMode::Sequential {
-                    let refs: Vec<&Edit> = active.iter().collect();
-                    let has = write_adapter(&refs, "llama", self.model_sha256, &adapter)?;
-                    engine.set_adapter(has.then_some(adapter.as_path()))?;
-                    for (i, r) in results.iter_mut().enumerate() {
-                        r.questions = self.ask_all(engine, i, self.system_prompt)?;
+                        let started = Instant::now();
+                        let outcome = editor.compute(engine, &request, &active, |_| {})?;
+                        r.training_questions = request.questions.clone();
+                        r.edit_seconds = Some(started.elapsed().as_secs_f64());
+                        r.edit_accepted = Some(outcome.accepted);
+                        r.edit_locality = Some(format!(
+                            "{}/{}",
+                            outcome.edit.metrics.locality_kept, outcome.edit.metrics.locality_total
+                        ));
+                        r.edit_rejection = outcome.reason.clone();
+                        r.edit_steps = Some(outcome.edit.metrics.steps);
+                        r.edit_train_seconds = Some(outcome.edit.metrics.train_seconds);
+                        if outcome.accepted {
+                            active.push(outcome.edit);
+                        }
                         done += 1;
                         progress(done, total_steps);
                     }
-                    if let Some(before) = self.locality_before {
+                    let refs: Vec<&Edit> = active.iter().collect();
+                    let has = write_adapter(&refs, "llama", self.model_sha256, &adapter)?;
+                    engine.set_adapter(has.then_some(adapter.as_path()))?;
+                    for &i in members {
+                        results[i].questions = self.ask_all(engine, i, self.system_prompt)?;
+                        if self.mode == EvalMode::Sequential {
+                            done += 1;
+                            progress(done, total_steps);
+                        }
+                    }
+                    if let (EvalMode::Sequential, Some(before)) = (self.mode, self.locality_before)
+                    {
                         let after = Snapshot::take(engine, self.system_prompt, Some(before))?;
                         let attributes: Vec<String> =
                             active.iter().map(|e| e.request.attribute.clone()).collect();
-                        locality = Some(LocalityReport::compare(before, &after, &attributes));
+                        localities.push(LocalityReport::compare(before, &after, &attributes));
                     }
                     engine.set_adapter(None)?;
                 }
+                locality = LocalityReport::pooled(localities);
                 let _ = std::fs::remove_file(&adapter);
             }
         }
@@ -524,6 +548,7 @@ impl UpqaRun<'_> {
             clusters: self.clusters_path.map(Path::to_path_buf),
             method: self.method,
             mode: self.mode,
+            profiles,
             cluster_size: if self.clusters.is_some() {
                 self.cluster_size
             } else {
@@ -568,6 +593,12 @@ pub fn markdown(report: &UpqaReport) -> String {
         report.model_sha256.get(..12).unwrap_or(&report.model_sha256),
         report.max_new_tokens_rule
     ));
+    if report.mode == EvalMode::Sequential && report.profiles > 1 {
+        out.push_str(&format!(
+            "Edited into {} profiles of at most one item per attribute type (the j-th item of each type in profile j); locality is pooled over them.\n\n",
+            report.profiles
+        ));
+    }
     out.push_str("| method | explicit | paraphrased | implicit | product |\n| --- | --- | --- | --- | --- |\n");
     let cell = |kind: &str| {
         report
@@ -618,4 +649,36 @@ pub fn markdown(report: &UpqaReport) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(attribute_type: &str) -> UpqaItem {
+        UpqaItem {
+            input_attribute: String::new(),
+            attribute_type: attribute_type.into(),
+            question: String::new(),
+            question_paraphrased: String::new(),
+            implicit_question: String::new(),
+            product_recommendation_question: String::new(),
+            target: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_profile_holds_at_most_one_item_per_attribute_type() {
+        let items: Vec<UpqaItem> = ["hobby", "job", "Hobby ", "pet", "job", "hobby"]
+            .iter()
+            .map(|t| item(t))
+            .collect();
+        assert_eq!(
+            persona_profiles(&items),
+            vec![vec![0, 1, 3], vec![2, 4], vec![5]]
+        );
+        let distinct: Vec<UpqaItem> = ["hobby", "job", "pet"].iter().map(|t| item(t)).collect();
+        assert_eq!(persona_profiles(&distinct), vec![vec![0, 1, 2]]);
+        assert!(persona_profiles(&[]).is_empty());
+    }
 }
