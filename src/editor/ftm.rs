@@ -261,7 +261,6 @@ impl LossSet {
         let (mut target_rows, mut anchor_rows, mut exact_rows) =
             (Vec::new(), Vec::new(), Vec::new());
         let mut row_sequence = Vec::new();
-        let mut row_exact = Vec::new();
         let answer_len = |s: &TrainSequence| s.tokens.len() - s.answer_start;
         let n_target: usize = sequences
             .iter()
@@ -283,7 +282,6 @@ impl LossSet {
                     anchor_rows.push(rows.len());
                 }
                 row_sequence.push(i);
-                row_exact.push(s.exact && !s.is_target);
                 rows.push((i * width + p - 1 - shared) as u32);
                 labels.push(s.tokens[p]);
                 weights.push(if s.is_target {
@@ -301,17 +299,11 @@ impl LossSet {
         // entries at every step would cost more than the layers themselves.
         let base_hidden = model.suffix_hidden(&prefix, None, &rows)?;
         let base_logits = base_hidden.matmul(&model.output().t()?)?.to_vec2::<f32>()?;
-        let margin_floor: Vec<f32> = base_logits
-            .iter()
-            .zip(&labels)
-            .zip(&row_exact)
-            .map(|((row, &label), &exact)| {
-                if !exact {
-                    return 0.0;
-                }
-                EXACT_MARGIN.min(lead(row, label as usize).max(0.0) / 2.0)
-            })
-            .collect();
+        let mut margin_floor = vec![0.0; labels.len()];
+        for &r in &exact_rows {
+            margin_floor[r] =
+                EXACT_MARGIN.min(lead(&base_logits[r], labels[r] as usize).max(0.0) / 2.0);
+        }
         let mut vocab: Vec<u32> = labels.clone();
         for row in &base_logits {
             let mut idx: Vec<u32> = (0..row.len() as u32).collect();
