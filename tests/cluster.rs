@@ -88,6 +88,30 @@ impl imprint::profile::PassphraseSource for Fixed {
     }
 }
 
+/// An active "favorite …" preference with the given cluster, stated by hand.
+fn add_liked(
+    profile: &mut imprint::profile::Profile,
+    attribute: &str,
+    target: &str,
+    cluster: &[imprint::profile::ClusterMember],
+) -> i64 {
+    use imprint::profile::{NewPreference, PreferenceStatus, SourceRef};
+    profile
+        .add_preference(&NewPreference {
+            attribute: attribute.into(),
+            target: target.into(),
+            polarity: Polarity::Like,
+            statement: format!("My {attribute} is {target}."),
+            confidence: 1.0,
+            status: PreferenceStatus::Active,
+            source: SourceRef::Manual {
+                note: "test".into(),
+            },
+            cluster: cluster.to_vec(),
+        })
+        .unwrap()
+}
+
 /// The edit job refines a template cluster before it trains: the stored
 /// cluster becomes the refined one (audited) and the edit is trained on its
 /// questions; with the switch off, it trains on the templates. (That lexicon clusters are left alone is the unit test
@@ -95,7 +119,7 @@ impl imprint::profile::PassphraseSource for Fixed {
 #[test]
 fn the_edit_job_trains_on_the_refined_cluster() {
     use imprint::learn::{queue_edit, run_edit_job, JobOptions, JobResult};
-    use imprint::profile::{KeyChoice, NewPreference, PreferenceStatus, Profile, SourceRef};
+    use imprint::profile::{KeyChoice, Profile};
     let dir = tempfile::tempdir().unwrap();
     let (mut profile, _) = Profile::create(
         &imprint::paths::Paths::under(dir.path()),
@@ -117,20 +141,7 @@ fn the_edit_job_trains_on_the_refined_cluster() {
     // trained as it is and never rewritten.
     let kept_attribute = "favorite card game";
     let kept_template = cluster::build(kept_attribute, Polarity::Like, 3);
-    let kept_id = profile
-        .add_preference(&NewPreference {
-            attribute: kept_attribute.into(),
-            target: "Cribbage".into(),
-            polarity: Polarity::Like,
-            statement: "My favorite card game is Cribbage.".into(),
-            confidence: 1.0,
-            status: PreferenceStatus::Active,
-            source: SourceRef::Manual {
-                note: "test".into(),
-            },
-            cluster: kept_template.clone(),
-        })
-        .unwrap();
+    let kept_id = add_liked(&mut profile, kept_attribute, "Cribbage", &kept_template);
     let job_id = queue_edit(&profile, kept_id, &sha).unwrap();
     let job = profile.claim_job_id(job_id).unwrap().unwrap();
     let off = JobOptions {
@@ -147,20 +158,7 @@ fn the_edit_job_trains_on_the_refined_cluster() {
 
     let attribute = "favorite board game";
     let template = cluster::build(attribute, Polarity::Like, 3);
-    let id = profile
-        .add_preference(&NewPreference {
-            attribute: attribute.into(),
-            target: "Carcassonne".into(),
-            polarity: Polarity::Like,
-            statement: "My favorite board game is Carcassonne.".into(),
-            confidence: 1.0,
-            status: PreferenceStatus::Active,
-            source: SourceRef::Manual {
-                note: "test".into(),
-            },
-            cluster: template.clone(),
-        })
-        .unwrap();
+    let id = add_liked(&mut profile, attribute, "Carcassonne", &template);
     let expected = cluster::refine_with_model(&mut engine, attribute, Polarity::Like, 3)
         .unwrap()
         .cluster;
