@@ -310,7 +310,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "spend-time",
-            r"i spend (?:most of |a lot of |all of |much of )?my (?:free |spare )?(?:time|days|weekends|evenings) (.+)",
+            r"i spend (?:most of |a lot of |all of |much of )?(?:my )?(?:free |spare )?(?:time|days|weekends|evenings) (.+)",
             "hobby",
             Is,
             0.7,
@@ -338,7 +338,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "spare-time",
-            r"in my (?:spare|free) time,? i (.+)",
+            r"(?:in my (?:spare|free) time|when i have (?:some |any )?(?:spare|free) time),? i (.+)",
             "hobby",
             Is,
             0.75,
@@ -476,6 +476,16 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             Is,
             0.75,
         ),
+        // A verb phrase with a frequency is a habit: "I lift weights every
+        // weekend", "I take dance lessons once a week". The frequency is
+        // what makes it one, so "I lift weights" alone does not match.
+        r(
+            "habit",
+            r"i (?:usually |often |always |also |still |try (?:and|to) )?([a-z]+(?: [a-z']+){0,4}?) (?:every (?:single )?(?:day|week|weekend|morning|afternoon|evening|night|month|year|summer|winter|sunday|saturday)|each (?:day|week|weekend|month)|daily|weekly|regularly|on (?:the )?weekends|a lot|(?:once|twice|(?:a|one|two|three|four|five|\d+) times?) a (?:day|week|month|year)|(?:a|one|two|three|four|five|six|\d+) days? a week)\b.*",
+            "hobby",
+            Is,
+            0.6,
+        ),
         r(
             "am-trait",
             r"i(?:'m| am) (?:very |really |quite |pretty |so |a bit |kind of )?((?:\w+)(?: \w+)?(?: and (?:\w+))?)",
@@ -529,7 +539,7 @@ static NOT_A_TRAIT: LazyLock<Regex> = LazyLock::new(|| {
 /// Clauses and words after the target that are not part of it.
 static TRAILING: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)(?:,|;| -| –| —)?\s+(?:but|because|since|though|although|when|whenever|which|who|so that|and i|and it|and they|as well|too|so much|very much|more than anything|these days|nowadays|lately|right now|now|last (?:year|month|week)|this year|every (?:day|week|weekend|sunday|morning|night)|on weekends|at the moment|for (?:a living|fun|years|a while))\b.*$",
+        r"(?i)(?:,|;| -| –| —)?\s+(?:but|because|since|though|although|when|whenever|which|who|so that|and i|and it|and they|as well|too|so much|very much|more than anything|these days|nowadays|lately|right now|now|last (?:year|month|week)|this year|every (?:single )?(?:day|week|weekend|sunday|saturday|morning|afternoon|evening|night|month|year|summer|winter)|each (?:day|week|month)|daily|regularly|on (?:the )?weekends|at the moment|in my (?:spare|free) time|(?:once|twice|\w+ times?) a (?:day|week|month|year)|\w+ days? a week|\w+ (?:years?|months?|weeks?) ago|to (?:relax|unwind|de-?stress|relieve stress|stay (?:fit|healthy|in shape)|keep fit|pay (?:for|the) )|for (?:a living|fun|years|a while))\b.*$",
     )
 });
 
@@ -540,6 +550,78 @@ fn clean_target(raw: &str) -> String {
     let t = TRAILING.replace(t, "");
     let t = t.trim().trim_end_matches(['.', '!', ',', ';', ':']);
     t.trim().to_string()
+}
+
+/// Routines that are not pastimes or traits: "I check my email every day".
+static NOT_A_HABIT: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^(?:can|cannot|can't|could|will|would|should|must|may|might|do|don't|did|be|am|was|have|had|get|feel|think|need|want|check|call|text|e-?mail|see|wake|sleep|work|pay|shower|use|change|clean|sigh|cry|forget|lose|barely|never|hardly)\b",
+    )
+});
+
+/// A verb phrase as a noun phrase, the way a profile names an activity:
+/// "swim" → "swimming", "go hiking" → "hiking", "bake bread" → "baking
+/// bread". A phrase that already starts with a gerund is kept.
+pub fn gerund_phrase(phrase: &str) -> String {
+    let phrase = phrase.trim();
+    let (first, rest) = phrase.split_once(' ').unwrap_or((phrase, ""));
+    // "go hiking" → "hiking".
+    if first.eq_ignore_ascii_case("go")
+        && rest.split(' ').next().is_some_and(|w| w.ends_with("ing"))
+    {
+        return rest.to_string();
+    }
+    let verb = gerund(first);
+    if rest.is_empty() {
+        verb
+    } else {
+        format!("{verb} {rest}")
+    }
+}
+
+fn gerund(verb: &str) -> String {
+    let lower = verb.to_ascii_lowercase();
+    let is_vowel = |c: u8| matches!(c, b'a' | b'e' | b'i' | b'o' | b'u');
+    let b = lower.as_bytes();
+    if lower.ends_with("ing") && lower.len() > 4
+        || !lower.bytes().all(|c| c.is_ascii_alphabetic())
+        || b.len() < 2
+    {
+        return verb.to_string();
+    }
+    if lower == "be"
+        || lower == "see"
+        || lower.ends_with("ee")
+        || lower.ends_with("ye")
+        || lower.ends_with("oe")
+    {
+        return format!("{verb}ing");
+    }
+    if let Some(stem) = lower.strip_suffix("ie") {
+        return format!("{stem}ying");
+    }
+    if let Some(stem) = lower.strip_suffix('e') {
+        return format!("{stem}ing");
+    }
+    // One-syllable consonant–vowel–consonant verbs double their last
+    // letter: "swim" → "swimming", "jog" → "jogging" (not w, x or y:
+    // "sew" → "sewing").
+    let n = b.len();
+    let vowel_groups = b
+        .iter()
+        .enumerate()
+        .filter(|&(i, &c)| is_vowel(c) && (i == 0 || !is_vowel(b[i - 1])))
+        .count();
+    if n >= 3
+        && vowel_groups == 1
+        && !is_vowel(b[n - 1])
+        && !matches!(b[n - 1], b'w' | b'x' | b'y')
+        && is_vowel(b[n - 2])
+        && !is_vowel(b[n - 3])
+    {
+        return format!("{verb}{}ing", &lower[n - 1..]);
+    }
+    format!("{verb}ing")
 }
 
 /// Splits a message into sentences, keeping each one's exact text.
@@ -590,7 +672,10 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     }
     let body = LEADING_FILLER.replace(trimmed, "");
     let body = body.trim().trim_end_matches(['.', '!']).trim();
-    if QUESTION_START.is_match(body) && !body.to_ascii_lowercase().starts_with("am ") {
+    // "Am I…" without a question mark is still a question; "When I have
+    // time I paint" is a statement.
+    let lower = body.to_ascii_lowercase();
+    if QUESTION_START.is_match(body) && !lower.starts_with("am ") && !lower.starts_with("when i ") {
         return Err(Skip::Question);
     }
     if REPORTED.is_match(body) {
@@ -662,9 +747,11 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
             }
             "collection" => format!("collecting {}", clean_target(group(1))),
             "learning" => format!("learning {}", clean_target(group(1))),
-            "hobby-verb" | "activity-verb" => format!("{} {}", group(1), clean_target(group(2)))
-                .trim()
-                .to_string(),
+            // The activity as a noun phrase: "play chess" → "playing chess".
+            "hobby-verb" | "activity-verb" => {
+                gerund_phrase(&format!("{} {}", group(1), clean_target(group(2))))
+            }
+            "habit" | "spare-time" => gerund_phrase(&clean_target(group(1))),
             _ => clean_target(&target),
         };
         let attribute = attribute.trim().to_ascii_lowercase();
@@ -678,17 +765,24 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
         if target.is_empty() || target.split_whitespace().count() > 12 || attribute.is_empty() {
             continue;
         }
-        // "I like to dance" is a hobby; "I like Radiohead" a liking.
-        let attribute = if rule.name == "like"
+        if rule.name == "habit" && NOT_A_HABIT.is_match(group(1)) {
+            continue;
+        }
+        // "I like to dance" is a hobby (the verb right after "like to"),
+        // "I like Radiohead" a liking; "I prefer tea to coffee" is not a verb.
+        let infinitive = c
+            .get(1)
+            .is_some_and(|m| body[..m.start()].to_ascii_lowercase().ends_with(" to "));
+        let hobby = rule.name == "like"
             && (target
                 .split_whitespace()
                 .next()
                 .is_some_and(|w| w.ends_with("ing"))
-                || group(0).to_ascii_lowercase().contains(" to "))
-        {
-            "hobby".to_string()
+                || infinitive);
+        let (attribute, target) = if hobby {
+            ("hobby".to_string(), gerund_phrase(&target))
         } else {
-            attribute
+            (attribute, target)
         };
         return Some(Candidate {
             attribute,
@@ -790,6 +884,71 @@ mod tests {
     }
 
     #[test]
+    fn activities_are_named_as_gerunds() {
+        for (verb, gerund) in [
+            ("swim", "swimming"),
+            ("jog", "jogging"),
+            ("knit", "knitting"),
+            ("hike", "hiking"),
+            ("bake bread", "baking bread"),
+            ("sew", "sewing"),
+            ("play chess", "playing chess"),
+            ("visit museums", "visiting museums"),
+            ("cook", "cooking"),
+            ("eat sushi", "eating sushi"),
+            ("tie flies", "tying flies"),
+            ("ski", "skiing"),
+            ("go fishing", "fishing"),
+            ("dancing at clubs", "dancing at clubs"),
+            ("sing", "singing"),
+        ] {
+            assert_eq!(gerund_phrase(verb), gerund, "{verb}");
+        }
+    }
+
+    #[test]
+    fn habits_need_a_frequency_and_an_activity() {
+        assert_extracts(&[
+            ("I lift weights every weekend.", "hobby", "lifting weights"),
+            (
+                "I take pottery classes twice a week.",
+                "hobby",
+                "taking pottery classes",
+            ),
+            (
+                "I usually bake cookies on weekends.",
+                "hobby",
+                "baking cookies",
+            ),
+            ("I like to swim in my free time.", "hobby", "swimming"),
+            ("I love to go sailing every summer.", "hobby", "sailing"),
+            ("When I have some free time I paint.", "hobby", "painting"),
+            ("I spend a lot of time gardening.", "hobby", "gardening"),
+            (
+                "I like to drink green tea to relax.",
+                "hobby",
+                "drinking green tea",
+            ),
+        ]);
+        for sentence in [
+            "I lift weights.",
+            "I check my email every day.",
+            "I wake up at six every morning.",
+            "I can barely pay my bills every month.",
+            "When is the next train",
+        ] {
+            assert!(
+                extract_sentence(sentence).map_or(true, |c| c.rule != "habit"),
+                "{sentence}"
+            );
+        }
+        // "to" before a noun is not an infinitive.
+        let c = one("I prefer tea to coffee.");
+        assert_ne!(c.attribute, "hobby");
+        assert_eq!(c.target, "tea to coffee");
+    }
+
+    #[test]
     fn first_person_statements() {
         let c = one("My favorite sport is ultimate frisbee.");
         assert_eq!(
@@ -811,7 +970,7 @@ mod tests {
         let c = one("I like to dance at the club.");
         assert_eq!(
             (c.attribute.as_str(), c.target.as_str()),
-            ("hobby", "dance at the club")
+            ("hobby", "dancing at the club")
         );
         let c = one("I can't stand cilantro.");
         assert_eq!(
@@ -871,7 +1030,7 @@ mod tests {
             (
                 "I am also a musician on the weekends.",
                 "identity",
-                "musician on the weekends",
+                "musician",
             ),
             (
                 "I am the lead singer in a band.",
@@ -953,7 +1112,7 @@ mod tests {
             ("I used to be a firefighter.", "past", "firefighter"),
             ("I go to the gym every morning.", "routine", "the gym"),
             ("I worked at a bakery for years.", "job", "a bakery"),
-            ("I only drink green tea.", "activity", "drink green tea"),
+            ("I only drink green tea.", "activity", "drinking green tea"),
         ]);
         // Reported speech is someone else's plan. (A user's own "when I grow
         // up" is a stated goal, see `hobbies_pets_and_roles`.)
@@ -1004,7 +1163,7 @@ mod tests {
             (
                 "I restore classic cars.",
                 "activity",
-                "restore classic cars",
+                "restoring classic cars",
             ),
             (
                 "Hey there I am a professional singer.",
