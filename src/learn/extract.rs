@@ -148,7 +148,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "age",
-            r"i(?:'m| am) (\d{1,3})(?: years old| year old|yo)?\b.*",
+            r"i(?:'m| am) (\d{1,3})(?: ?years? old|yo)?\b.*",
             "age",
             Is,
             0.9,
@@ -356,6 +356,13 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             "family",
             Is,
             0.8,
+        ),
+        r(
+            "dropout",
+            r"i (?:never finished|never graduated from|did not finish|didn't finish|did not graduate(?: from)?|didn't graduate(?: from)?|dropped out of|quit) (high school|school|college|university)\b.*",
+            "education",
+            Is,
+            0.85,
         ),
         r(
             "graduated",
@@ -745,6 +752,7 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
                     None => t,
                 }
             }
+            "dropout" => format!("{} dropout", group(1).to_ascii_lowercase()),
             "collection" => format!("collecting {}", clean_target(group(1))),
             "learning" => format!("learning {}", clean_target(group(1))),
             // The activity as a noun phrase: "play chess" → "playing chess".
@@ -923,6 +931,13 @@ mod tests {
             ("I like to swim in my free time.", "hobby", "swimming"),
             ("I love to go sailing every summer.", "hobby", "sailing"),
             ("When I have some free time I paint.", "hobby", "painting"),
+            ("I never finished college.", "education", "college dropout"),
+            (
+                "I dropped out of high school at sixteen.",
+                "education",
+                "high school dropout",
+            ),
+            ("I am 42years old.", "age", "42"),
             ("I spend a lot of time gardening.", "hobby", "gardening"),
             (
                 "I like to drink green tea to relax.",
