@@ -416,6 +416,7 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
         rank: 4,
         max_steps: 60,
         learning_rate: 5e-2,
+        lr_floor: 1.0,
         anchor_weight: 1.0,
         l2: 0.01,
         stop_loss: 0.2,

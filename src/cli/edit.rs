@@ -42,50 +42,8 @@ struct NewEdit {
     /// Edit method.
     #[arg(long, default_value = "ftm")]
     method: Method,
-    /// LoRA rank (default 4).
-    #[arg(long)]
-    rank: Option<usize>,
-    /// Layer whose MLP down-projection is edited (default: `imprint calibrate`'s
-    /// choice for this model, else about 2/3 of the depth for ftm, 1/6 for rome).
-    #[arg(long)]
-    layer: Option<usize>,
-    /// Maximum optimisation steps (default 40 for ftm, 25 for rome).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Adam learning rate (default 0.05 for ftm, 0.5 for rome's δ).
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Weight of the anchor loss (locality) against the target loss (default 1).
-    #[arg(long)]
-    anchor_weight: Option<f64>,
-    /// Weight of the ‖ΔW‖² penalty: smaller edits, better locality (default 0.01).
-    #[arg(long)]
-    l2: Option<f64>,
-    /// Share of the unrelated probes' answer tokens that must keep their
-    /// argmax (teacher-forced on the answers before the edit; default 0.9).
-    #[arg(long)]
-    min_locality: Option<f64>,
-    /// Stop training once the mean target loss is below this (default 0.2).
-    #[arg(long)]
-    stop_loss: Option<f32>,
-    /// Do not retry with stronger settings when the gate refuses the edit.
-    #[arg(long)]
-    no_retry: bool,
-    /// Skip the null-space projection (worse locality; for experiments).
-    #[arg(long)]
-    no_nullspace: bool,
-    /// How anchor questions keep their answers (default: `[editor] anchors`
-    /// in the config, "keys"): `keys` (the edited layer keeps its output on
-    /// the anchors' keys; the most recent preferences keep their answers by
-    /// cross-entropy), `loss` (cross-entropy on every anchor: several times
-    /// slower), `project` (their keys are removed from the edit's input
-    /// side), `both`, or `off`.
-    #[arg(long)]
-    anchors: Option<AnchorMode>,
-    /// Weight of the key-preservation term of `--anchors keys` (default:
-    /// `[editor] anchor_key_weight`, 100).
-    #[arg(long)]
-    anchor_key_weight: Option<f64>,
+    #[command(flatten)]
+    tuning: EditorFlags,
     /// A model name or GGUF path.
     #[arg(long)]
     model: Option<String>,
@@ -176,7 +134,9 @@ fn new_edit(app: &App, args: NewEdit) -> Result<ExitCode> {
 
     let mut engine = super::load_engine(app, args.model.as_deref(), false)?;
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
-    let settings = settings_from_args(app, &sha, &args)?;
+    let settings = args
+        .tuning
+        .apply(super::prefs::default_settings(app, &sha, args.method)?);
     let started = std::time::Instant::now();
     let (sha, mut editor) = super::load_editor(app, &engine, settings)?;
     profile.remember_model(&super::model_record(app, &engine, Some(&editor))?)?;
@@ -237,29 +197,85 @@ fn new_edit(app: &App, args: NewEdit) -> Result<ExitCode> {
     })
 }
 
-/// Unset flags keep `imprint calibrate`'s choice for this model, else the
-/// editor's defaults (EditorSettings::default).
-fn settings_from_args(app: &App, sha: &str, args: &NewEdit) -> Result<EditorSettings> {
-    let defaults = super::prefs::default_settings(app, sha, args.method)?;
-    Ok(EditorSettings {
-        method: args.method,
-        layer: args.layer.or(defaults.layer),
-        rank: args.rank.unwrap_or(defaults.rank),
-        max_steps: args.steps.unwrap_or(defaults.max_steps),
-        learning_rate: args.lr.unwrap_or(defaults.learning_rate),
-        rome: imprint::editor::rome::RomeSettings {
-            steps: args.steps.unwrap_or(defaults.rome.steps),
-            learning_rate: args.lr.unwrap_or(defaults.rome.learning_rate),
-            ..defaults.rome.clone()
-        },
-        anchor_weight: args.anchor_weight.unwrap_or(defaults.anchor_weight),
-        anchor_key_weight: args.anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
-        stop_loss: args.stop_loss.unwrap_or(defaults.stop_loss),
-        l2: args.l2.unwrap_or(defaults.l2),
-        min_locality: args.min_locality.unwrap_or(defaults.min_locality),
-        use_nullspace: !args.no_nullspace,
-        anchors: args.anchors.unwrap_or(defaults.anchors),
-        retry: !args.no_retry,
-        ..defaults
-    })
+/// The editor's tuning knobs, shared by `imprint edit` and the evaluation
+/// commands so an experiment can be run, and recorded, with the settings a
+/// user would give one edit.
+#[derive(Debug, Clone, Default, Args)]
+pub struct EditorFlags {
+    /// LoRA rank (default 4).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Layer whose MLP down-projection is edited (default: `imprint calibrate`'s
+    /// choice for this model, else about 2/3 of the depth for ftm, 1/6 for rome).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// Maximum optimisation steps (default 40 for ftm, 25 for rome).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Adam learning rate (default 0.05 for ftm, 0.5 for rome's δ).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// FT-M: let the learning rate fall along a cosine to this share of
+    /// itself by the last step (default 1: constant).
+    #[arg(long)]
+    pub lr_floor: Option<f64>,
+    /// Weight of the anchor loss (locality) against the target loss (default 1).
+    #[arg(long)]
+    pub anchor_weight: Option<f64>,
+    /// Weight of the ‖ΔW‖² penalty: smaller edits, better locality (default 0.01).
+    #[arg(long)]
+    pub l2: Option<f64>,
+    /// Share of the unrelated probes' answer tokens that must keep their
+    /// argmax (teacher-forced on the answers before the edit; default 0.9).
+    #[arg(long)]
+    pub min_locality: Option<f64>,
+    /// Stop training once the mean target loss is below this (default 0.2).
+    #[arg(long)]
+    pub stop_loss: Option<f32>,
+    /// Do not retry with stronger settings when the gate refuses the edit.
+    #[arg(long)]
+    pub no_retry: bool,
+    /// Skip the null-space projection (worse locality; for experiments).
+    #[arg(long)]
+    pub no_nullspace: bool,
+    /// How anchor questions keep their answers (default: `[editor] anchors`
+    /// in the config, "keys"): `keys` (the edited layer keeps its output on
+    /// the anchors' keys; the most recent preferences keep their answers by
+    /// cross-entropy), `loss` (cross-entropy on every anchor: several times
+    /// slower), `project` (their keys are removed from the edit's input
+    /// side), `both`, or `off`.
+    #[arg(long)]
+    pub anchors: Option<AnchorMode>,
+    /// Weight of the key-preservation term of `--anchors keys` (default:
+    /// `[editor] anchor_key_weight`, 100).
+    #[arg(long)]
+    pub anchor_key_weight: Option<f64>,
+}
+
+impl EditorFlags {
+    /// Unset flags keep `defaults` (`imprint calibrate`'s choice for this
+    /// model, else the editor's own defaults).
+    pub fn apply(&self, defaults: EditorSettings) -> EditorSettings {
+        EditorSettings {
+            layer: self.layer.or(defaults.layer),
+            rank: self.rank.unwrap_or(defaults.rank),
+            max_steps: self.steps.unwrap_or(defaults.max_steps),
+            learning_rate: self.lr.unwrap_or(defaults.learning_rate),
+            lr_floor: self.lr_floor.unwrap_or(defaults.lr_floor),
+            rome: imprint::editor::rome::RomeSettings {
+                steps: self.steps.unwrap_or(defaults.rome.steps),
+                learning_rate: self.lr.unwrap_or(defaults.rome.learning_rate),
+                ..defaults.rome.clone()
+            },
+            anchor_weight: self.anchor_weight.unwrap_or(defaults.anchor_weight),
+            anchor_key_weight: self.anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
+            stop_loss: self.stop_loss.unwrap_or(defaults.stop_loss),
+            l2: self.l2.unwrap_or(defaults.l2),
+            min_locality: self.min_locality.unwrap_or(defaults.min_locality),
+            use_nullspace: defaults.use_nullspace && !self.no_nullspace,
+            anchors: self.anchors.unwrap_or(defaults.anchors),
+            retry: defaults.retry && !self.no_retry,
+            ..defaults
+        }
+    }
 }

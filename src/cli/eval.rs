@@ -80,6 +80,10 @@ pub struct PrefevalArgs {
     /// ftm: train each edit on the test question itself (recall of a trained answer, not preference following). Default: held-out questions about the item's subject.
     #[arg(long)]
     train_on_test_question: bool,
+    /// Editor settings for `ftm` (default: the ones `imprint edit` and the
+    /// daemon use).
+    #[command(flatten)]
+    tuning: super::edit::EditorFlags,
     /// A model name or GGUF path.
     #[arg(long)]
     model: Option<String>,
@@ -149,6 +153,10 @@ pub struct UpqaArgs {
     /// perplexity) that sequential edit runs make at the end.
     #[arg(long)]
     no_locality: bool,
+    /// Editor settings for `ftm`/`rome` (default: the ones `imprint edit` and
+    /// the daemon use); recorded in report.json.
+    #[command(flatten)]
+    tuning: super::edit::EditorFlags,
     /// Folder for report.json and report.md.
     #[arg(long)]
     out: PathBuf,
@@ -216,10 +224,10 @@ fn prefeval(app: &App, args: PrefevalArgs) -> Result<ExitCode> {
     let sha = imprint::models::fingerprint(&app.paths, &engine.options().model_path)?;
     let system_prompt = app.config.config.generation.system_prompt.clone();
     let mut editor = if args.method == PrefMethod::Ftm {
-        let settings = EditorSettings {
+        let settings = args.tuning.apply(EditorSettings {
             system_prompt: system_prompt.clone(),
             ..super::prefs::default_settings(app, &sha, imprint::editor::Method::Ftm)?
-        };
+        });
         Some(super::load_editor(app, &engine, settings)?.1)
     } else {
         None
@@ -358,10 +366,10 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
             EvalMethod::Rome => imprint::editor::Method::Rome,
             _ => imprint::editor::Method::Ftm,
         };
-        let settings = EditorSettings {
+        let settings = args.tuning.apply(EditorSettings {
             system_prompt: system_prompt.clone(),
             ..super::prefs::default_settings(app, &sha, method)?
-        };
+        });
         Some(Editor::load(
             &engine.options().model_path,
             &sha,
@@ -413,11 +421,16 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
         locality_before: locality_before.as_ref(),
     };
     let bar = app.progress(0, "eval upqa");
-    let report = run.run(&mut engine, editor.as_mut(), |done, total| {
+    let mut report = run.run(&mut engine, editor.as_mut(), |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
+    report.editor = editor
+        .as_ref()
+        .map(|e| serde_json::to_value(&e.settings))
+        .transpose()
+        .context("cannot record the editor settings")?;
     write_report(&args.out, &report, &markdown(&report), true)
 }
 

@@ -50,6 +50,9 @@ pub struct FtmSettings {
     pub rank: usize,
     pub max_steps: usize,
     pub learning_rate: f64,
+    /// The learning rate falls along a cosine from `learning_rate` at the
+    /// first step to `learning_rate × lr_floor` at `max_steps` (1: constant).
+    pub lr_floor: f64,
     pub anchor_weight: f64,
     /// Weight of ‖ΔW‖²_F in the loss: keeps edits small, and small edits
     /// disturb unrelated answers less.
@@ -553,8 +556,9 @@ pub fn train(
         let grad_b = grads
             .get(bm.as_tensor())
             .ok_or_else(|| EditorError::Model("no gradient reached the LoRA's B".into()))?;
-        adam_a.step(&a, grad_a, settings.learning_rate)?;
-        adam_b.step(&bm, grad_b, settings.learning_rate)?;
+        let lr = scheduled_lr(settings, step);
+        adam_a.step(&a, grad_a, lr)?;
+        adam_b.step(&bm, grad_b, lr)?;
         tracing::trace!(
             step,
             ms = step_start.elapsed().as_millis() as u64,
@@ -596,9 +600,48 @@ pub fn train(
     })
 }
 
+/// Cosine decay from the learning rate to `lr_floor` of it over `max_steps`.
+fn scheduled_lr(settings: &FtmSettings, step: usize) -> f64 {
+    let progress = step as f64 / settings.max_steps.max(1) as f64;
+    let floor = settings.lr_floor.clamp(0.0, 1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    settings.learning_rate * (floor + (1.0 - floor) * cosine)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_learning_rate_falls_from_full_to_its_floor() {
+        let settings = |lr_floor| FtmSettings {
+            layer: 0,
+            rank: 4,
+            max_steps: 40,
+            learning_rate: 0.05,
+            lr_floor,
+            anchor_weight: 1.0,
+            l2: 0.0,
+            stop_loss: 0.2,
+            min_anchor_agreement: 0.95,
+            anchor_key_weight: 0.0,
+            seed: 0,
+        };
+        let constant = settings(1.0);
+        assert!((0..40).all(|s| (scheduled_lr(&constant, s) - 0.05).abs() < 1e-12));
+        let decaying = settings(0.1);
+        assert!((scheduled_lr(&decaying, 0) - 0.05).abs() < 1e-12);
+        assert!(
+            (scheduled_lr(&decaying, 20) - 0.0275).abs() < 1e-9,
+            "halfway: the mean of 0.05 and 0.005"
+        );
+        let lrs: Vec<f64> = (0..40).map(|s| scheduled_lr(&decaying, s)).collect();
+        assert!(lrs.windows(2).all(|w| w[1] < w[0]), "falls at every step");
+        assert!(
+            lrs[39] > 0.005 && lrs[39] < 0.006,
+            "ends just above the floor"
+        );
+    }
 
     #[test]
     fn lead_is_the_gap_to_the_best_other_token() {

@@ -21,7 +21,7 @@ use super::{Edit, EditMetrics, EditRequest, EditorError, LoraFactors, Method};
 use crate::engine::{ChatMessage, Engine};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct EditorSettings {
     pub method: Method,
     /// None: about 2/3 of the model's depth.
@@ -29,6 +29,9 @@ pub struct EditorSettings {
     pub rank: usize,
     pub max_steps: usize,
     pub learning_rate: f64,
+    /// FT-M: the learning rate decays (cosine) to this share of itself by
+    /// the last step; 1 keeps it constant.
+    pub lr_floor: f64,
     pub anchor_weight: f64,
     /// Weight of the relative key-preservation term ([`AnchorMode::Keys`]).
     pub anchor_key_weight: f64,
@@ -66,6 +69,7 @@ impl Default for EditorSettings {
             rank: 4,
             max_steps: 40,
             learning_rate: 5e-2,
+            lr_floor: 1.0,
             anchor_weight: 1.0,
             anchor_key_weight: 100.0,
             l2: 0.01,
@@ -628,6 +632,7 @@ impl Editor {
             rank: self.settings.rank,
             max_steps: self.settings.max_steps,
             learning_rate: self.settings.learning_rate,
+            lr_floor: self.settings.lr_floor,
             anchor_weight: if self.settings.anchors.trains() || self.settings.anchors.keeps_keys() {
                 self.settings.anchor_weight
             } else {

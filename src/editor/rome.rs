@@ -22,7 +22,7 @@ use super::model::{Batch, LlamaModel};
 use super::EditorError;
 use crate::engine::Engine;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RomeSettings {
     pub layer: usize,
     pub steps: usize,

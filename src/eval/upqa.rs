@@ -238,6 +238,9 @@ pub struct UpqaReport {
     pub edits_accepted: Option<usize>,
     pub edit_seconds_median: Option<f64>,
     pub edit_seconds_p95: Option<f64>,
+    /// Edit methods: the editor's settings (layer, rank, steps, anchors…),
+    /// so a run can be repeated and compared.
+    pub editor: Option<serde_json::Value>,
     pub results: Vec<ItemResult>,
 }
 
@@ -575,6 +578,7 @@ impl UpqaRun<'_> {
             }),
             edit_seconds_median: percentile(&edit_times, 0.5),
             edit_seconds_p95: percentile(&edit_times, 0.95),
+            editor: None,
             results,
         })
     }
