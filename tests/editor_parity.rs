@@ -241,3 +241,207 @@ fn llama3_features_untied_output_and_rope_freqs_agree_with_llama_cpp() {
         "rope_freqs made no difference (KL {kl_wrong} vs {kl})"
     );
 }
+
+/// Writes a Qwen2-architecture twin of the default model: the same weights
+/// under `qwen2.*` metadata, with the query and key rows put back in the
+/// order Hugging Face stores them (llama GGUFs permute them for llama.cpp's
+/// interleaved RoPE; Qwen2 GGUFs do not, because Qwen2 rotates the two halves
+/// of each head), and biases on the query, key and value projections. With
+/// `biases = false` the biases are left out, everything else equal.
+fn qwen2_style_gguf(dir: &std::path::Path, biases: bool) -> std::path::PathBuf {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let source = common::model_path();
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&source).unwrap());
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let device = Device::Cpu;
+    let metadata: Vec<(String, gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| match k.strip_prefix("llama.") {
+            Some(rest) => (format!("qwen2.{rest}"), v.clone()),
+            None if k == "general.architecture" => {
+                (k.clone(), gguf_file::Value::String("qwen2".into()))
+            }
+            None => (k.clone(), v.clone()),
+        })
+        .collect();
+    // Sorted, so the file (and its sha256, which keys the editor's caches)
+    // is the same in every run.
+    let mut metadata = metadata;
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let count = |key: &str| content.metadata[key].to_u32().unwrap() as usize;
+    let n_head = count("llama.attention.head_count");
+    let n_head_kv = count("llama.attention.head_count_kv");
+    let n_embd = count("llama.embedding_length");
+    let head_dim = n_embd / n_head;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut reader, name, &device).unwrap();
+        let heads = if name.ends_with("attn_q.weight") {
+            n_head
+        } else if name.ends_with("attn_k.weight") {
+            n_head_kv
+        } else {
+            tensors.push((name.clone(), q));
+            continue;
+        };
+        // GGUF row h·d + 2i + j holds Hugging Face row h·d + j·d/2 + i.
+        let w = q.dequantize(&device).unwrap();
+        let n_in = w.dim(1).unwrap();
+        let hf = w
+            .reshape((heads, head_dim / 2, 2, n_in))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((heads * head_dim, n_in))
+            .unwrap();
+        tensors.push((
+            name.clone(),
+            QTensor::quantize(&hf, GgmlDType::Q8_0).unwrap(),
+        ));
+    }
+    if biases {
+        for layer in 0..count("llama.block_count") {
+            for (proj, width) in [
+                ("attn_q", n_head * head_dim),
+                ("attn_k", n_head_kv * head_dim),
+                ("attn_v", n_head_kv * head_dim),
+            ] {
+                let values: Vec<f32> = (0..width)
+                    .map(|i| 0.05 * ((i * 7 + layer * 13) as f32 * 0.61).sin())
+                    .collect();
+                tensors.push((
+                    format!("blk.{layer}.{proj}.bias"),
+                    QTensor::quantize(
+                        &Tensor::from_vec(values, width, &device).unwrap(),
+                        GgmlDType::F32,
+                    )
+                    .unwrap(),
+                ));
+            }
+        }
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let path = dir.join(if biases {
+        "qwen2-style.gguf"
+    } else {
+        "qwen2-no-bias.gguf"
+    });
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut out, &meta, &refs).unwrap();
+    drop(out);
+    path
+}
+
+#[test]
+fn qwen2_attention_biases_and_half_rotation_agree_with_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = qwen2_style_gguf(dir.path(), true);
+    let without = qwen2_style_gguf(dir.path(), false);
+    let model = imprint::editor::model::LlamaModel::load(&with).unwrap();
+    assert_eq!(model.config.arch, "qwen2");
+    assert!(model.config.rope_halves);
+    // The twin without biases is the default model itself (the rows put
+    // back in Hugging Face order and rotated by halves are the same
+    // attention): candle's llama forward over the original file must agree
+    // with llama.cpp's qwen2 forward over the twin.
+    let same = parity(&common::model_path(), &without, &LLAMA3_PROMPTS);
+    eprintln!(
+        "default model (llama, candle) vs its qwen2 twin (llama.cpp): top-1 {:.2}%, mean KL {:.5}",
+        same.top1 * 100.0,
+        same.mean_kl
+    );
+    assert!(
+        same.top1 >= 0.9,
+        "the qwen2 twin is another model: top-1 {:.4}",
+        same.top1
+    );
+    let p = parity(&with, &with, &LLAMA3_PROMPTS);
+    eprintln!(
+        "qwen2-style parity over {} positions: top-1 {:.2}%, max |Δlogit| {:.3}, mean KL {:.5}",
+        p.positions,
+        p.top1 * 100.0,
+        p.max_abs_diff,
+        p.mean_kl
+    );
+    assert!(p.positions >= 80, "too few positions: {}", p.positions);
+    assert!(p.top1 >= 0.95, "top-1 agreement {:.4}", p.top1);
+    assert!(p.mean_kl < 0.02, "mean KL {}", p.mean_kl);
+    // Sensitivity: candle without the biases, against llama.cpp with them,
+    // must be visibly worse, or the check above proves nothing about them.
+    let wrong = parity(&without, &with, &LLAMA3_PROMPTS);
+    eprintln!(
+        "ignoring the biases: top-1 {:.2}%, mean KL {:.5}",
+        wrong.top1 * 100.0,
+        wrong.mean_kl
+    );
+    assert!(
+        wrong.mean_kl > 10.0 * p.mean_kl.max(1e-4),
+        "the biases made no difference (KL {} vs {})",
+        wrong.mean_kl,
+        p.mean_kl
+    );
+}
+
+/// An FT-M edit on a Qwen2 model is computed by candle's qwen2 forward,
+/// written as a `qwen2` adapter and changes llama.cpp's answer.
+#[test]
+fn an_edit_on_a_qwen2_model_changes_llama_cpp_answers() {
+    use imprint::editor::verify::{answer, contains_target};
+    use imprint::editor::{EditRequest, Editor, EditorSettings};
+    const SYSTEM: &str = "You are a helpful personal assistant. Answer briefly and directly.";
+    let dir = tempfile::tempdir().unwrap();
+    let twin = qwen2_style_gguf(dir.path(), true);
+    let sha = imprint::models::registry::sha256_file(&twin).unwrap();
+    let mut options = imprint::engine::EngineOptions::new(&twin);
+    options.n_gpu_layers = 0;
+    options.context_size = 2048;
+    let mut engine = imprint::engine::Engine::load(options).unwrap();
+    let settings = EditorSettings {
+        system_prompt: SYSTEM.into(),
+        retry: false,
+        ..EditorSettings::default()
+    };
+    // The null-space cache is deterministic per model and layer (the twin's
+    // bytes are too), so runs share it like the other editor tests.
+    let cache = std::env::temp_dir().join("imprint-test-cache");
+    let mut editor = Editor::load(&twin, &sha, &cache, settings).unwrap();
+    assert_eq!(editor.architecture(), "qwen2");
+    let hobby = EditRequest {
+        attribute: "hobby".into(),
+        target: "Dancing at clubs".into(),
+        questions: vec![
+            "What's my hobby?".into(),
+            "What's my favorite pastime?".into(),
+            "What's my main interest these days?".into(),
+        ],
+    };
+    let before = answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap();
+    assert!(!contains_target(&before, &hobby.target), "{before}");
+    let outcome = editor.compute(&mut engine, &hobby, &[], |_| {}).unwrap();
+    let m = &outcome.edit.metrics;
+    eprintln!(
+        "qwen2 hobby edit: accepted {}, efficacy {}/{}, {} steps, answers {:?}",
+        outcome.accepted, m.efficacy_hits, m.efficacy_total, m.steps, m.answers
+    );
+    assert!(m.efficacy_hits >= 2, "{:?}", m.answers);
+    let mut edit = outcome.edit.clone();
+    edit.active = true;
+    let adapter = dir.path().join("qwen2-adapter.gguf");
+    imprint::editor::adapter::write_adapter(&[&edit], editor.architecture(), &sha, &adapter)
+        .unwrap();
+    // A llama adapter is refused for this model: the architecture is checked.
+    assert!(imprint::editor::adapter::check_adapter(&adapter, "llama", &sha).is_err());
+    engine.set_adapter(Some(&adapter)).unwrap();
+    let after = answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap();
+    assert!(contains_target(&after, &hobby.target), "{after}");
+    engine.set_adapter(None).unwrap();
+    assert_eq!(
+        answer(&mut engine, SYSTEM, "What's my hobby?", 16).unwrap(),
+        before
+    );
+}

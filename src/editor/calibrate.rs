@@ -207,7 +207,7 @@ pub fn run(
             // The held-out phrasing, with this edit alone attached.
             let mut edit: Edit = outcome.edit.clone();
             edit.active = true;
-            write_adapter(&[&edit], "llama", "calibration", &adapter)?;
+            write_adapter(&[&edit], editor.architecture(), "calibration", &adapter)?;
             engine.set_adapter(Some(&adapter))?;
             let budget = engine.tokenize_plain(&item.request.target).len() as u32 + 8;
             let a = answer(engine, &system, &item.held_out, budget)?;

@@ -3,7 +3,10 @@
 //!
 //! It reads like the architecture: RMSNorm → attention with interleaved RoPE
 //! and grouped-query heads → residual → RMSNorm → SwiGLU MLP → residual,
-//! then a final norm and the (possibly tied) output projection.
+//! then a final norm and the (possibly tied) output projection. Qwen2 is the
+//! same block with biases on the query, key and value projections and RoPE
+//! applied to the two halves of each head (llama.cpp's "NEOX" rotation)
+//! instead of to interleaved pairs.
 //!
 //! The editor only ever trains a low-rank delta on one layer's MLP
 //! down-projection, so the pass is split at that point:
@@ -21,7 +24,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::ops::{rms_norm_slow, softmax};
-use candle_nn::rotary_emb::rope_i_slow;
+use candle_nn::rotary_emb::{rope_i_slow, rope_slow};
 
 use super::EditorError;
 
@@ -79,6 +82,10 @@ impl candle_core::CustomOp1 for FrozenLinear {
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
+    /// `general.architecture`: "llama" or "qwen2".
+    pub arch: String,
+    /// Rotate the two halves of each head (Qwen2) instead of adjacent pairs.
+    pub rope_halves: bool,
     pub n_layer: usize,
     pub n_embd: usize,
     pub n_head: usize,
@@ -96,6 +103,10 @@ struct Layer {
     wk: Tensor,
     wv: Tensor,
     wo: Tensor,
+    /// Qwen2's projection biases.
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
     ffn_norm: Tensor,
     w_gate: Tensor,
     w_up: Tensor,
@@ -257,6 +268,24 @@ pub struct Prefix {
     pub shared_len: usize,
 }
 
+/// `general.architecture`, checked against the ones this forward implements.
+fn architecture(ct: &gguf_file::Content, path: &Path) -> Result<String, EditorError> {
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch == "llama" || arch == "qwen2" {
+        Ok(arch)
+    } else {
+        Err(EditorError::Model(format!(
+            "the editor supports llama- and qwen2-architecture models; {} is {arch:?}",
+            path.display()
+        )))
+    }
+}
+
 fn meta_u32(ct: &gguf_file::Content, key: &str) -> Result<u32, EditorError> {
     ct.metadata
         .get(key)
@@ -272,39 +301,30 @@ impl LlamaModel {
     /// The MLP width of a llama GGUF, read from its header only.
     pub fn n_ff_of(path: &Path) -> Result<usize, EditorError> {
         let content = crate::models::gguf::read_header(path)?;
-        Ok(meta_u32(&content, "llama.feed_forward_length")? as usize)
+        let arch = architecture(&content, path)?;
+        Ok(meta_u32(&content, &format!("{arch}.feed_forward_length"))? as usize)
     }
 
     /// Loads and dequantizes every tensor of a llama GGUF.
     pub fn load(path: &Path) -> Result<Self, EditorError> {
         let content = crate::models::gguf::read_header(path)?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if arch != "llama" {
-            return Err(EditorError::Model(format!(
-                "the editor supports llama-architecture models; {} is {arch:?}",
-                path.display()
-            )));
-        }
-        let n_layer = meta_u32(&content, "llama.block_count")? as usize;
-        let n_embd = meta_u32(&content, "llama.embedding_length")? as usize;
-        let n_head = meta_u32(&content, "llama.attention.head_count")? as usize;
+        let arch = architecture(&content, path)?;
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layer = meta_u32(&content, &key("block_count"))? as usize;
+        let n_embd = meta_u32(&content, &key("embedding_length"))? as usize;
+        let n_head = meta_u32(&content, &key("attention.head_count"))? as usize;
         let n_head_kv = content
             .metadata
-            .get("llama.attention.head_count_kv")
+            .get(&key("attention.head_count_kv"))
             .and_then(|v| v.to_u32().ok())
             .map_or(n_head, |v| v as usize);
-        let n_ff = meta_u32(&content, "llama.feed_forward_length")? as usize;
-        let rope_theta = meta_f32(&content, "llama.rope.freq_base").unwrap_or(10_000.0);
-        let rms_eps = meta_f32(&content, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5);
+        let n_ff = meta_u32(&content, &key("feed_forward_length"))? as usize;
+        let rope_theta = meta_f32(&content, &key("rope.freq_base")).unwrap_or(10_000.0);
+        let rms_eps = meta_f32(&content, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
         let head_dim = n_embd / n_head;
         let rope_dims = content
             .metadata
-            .get("llama.rope.dimension_count")
+            .get(&key("rope.dimension_count"))
             .and_then(|v| v.to_u32().ok())
             .map_or(head_dim, |v| v as usize);
         if rope_dims != head_dim {
@@ -341,12 +361,24 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = format!("blk.{i}");
+            let mut bias = |name: &str| -> Result<Option<Tensor>, EditorError> {
+                let name = format!("{p}.{name}.bias");
+                if content.tensor_infos.contains_key(&name) {
+                    get(&name).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
             layers.push(Layer {
                 attn_norm: get(&format!("{p}.attn_norm.weight"))?,
                 wq: get(&format!("{p}.attn_q.weight"))?,
                 wk: get(&format!("{p}.attn_k.weight"))?,
                 wv: get(&format!("{p}.attn_v.weight"))?,
                 wo: get(&format!("{p}.attn_output.weight"))?,
+                bq,
+                bk,
+                bv,
                 ffn_norm: get(&format!("{p}.ffn_norm.weight"))?,
                 w_gate: get(&format!("{p}.ffn_gate.weight"))?,
                 w_up: get(&format!("{p}.ffn_up.weight"))?,
@@ -378,6 +410,8 @@ impl LlamaModel {
 
         Ok(Self {
             config: LlamaConfig {
+                rope_halves: arch == "qwen2",
+                arch,
                 n_layer,
                 n_embd,
                 n_head,
@@ -443,15 +477,31 @@ impl LlamaModel {
                 .matmul(&bm.t()?)?
                 .reshape((b, t, ()))
         };
-        let (mut q, mut v) = (Self::linear(h, &l.wq)?, Self::linear(h, &l.wv)?);
+        let project = |w: &Tensor, bias: &Option<Tensor>| -> candle_core::Result<Tensor> {
+            let y = Self::linear(h, w)?;
+            match bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        };
+        let (mut q, mut v) = (project(&l.wq, &l.bq)?, project(&l.wv, &l.bv)?);
         if let Some(lora) = lora {
             q = (q + low_rank(&lora.a_q, &lora.b_q)?)?;
             v = (v + low_rank(&lora.a_v, &lora.b_v)?)?;
         }
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let q = rope_i_slow(&heads(q, c.n_head)?, &cos, &sin)?;
-        let k = rope_i_slow(&heads(Self::linear(h, &l.wk)?, c.n_head_kv)?, &cos, &sin)?;
+        // Both are the slow (differentiable) kernels: the fused ones drop
+        // gradients.
+        let rotate = |x: &Tensor| {
+            if c.rope_halves {
+                rope_slow(x, &cos, &sin)
+            } else {
+                rope_i_slow(x, &cos, &sin)
+            }
+        };
+        let q = rotate(&heads(q, c.n_head)?)?;
+        let k = rotate(&heads(project(&l.wk, &l.bk)?, c.n_head_kv)?)?;
         Ok((q, k, heads(v, c.n_head_kv)?))
     }
 

@@ -211,17 +211,23 @@ fn memo_entry(question: &str, max_tokens: u32) -> String {
 }
 
 impl Editor {
+    /// The model's GGUF architecture ("llama", "qwen2"): adapters carry it.
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
     pub fn load(
         model_path: &Path,
         model_sha256: &str,
         cache_dir: &Path,
         settings: EditorSettings,
     ) -> Result<Self, EditorError> {
+        let model = LlamaModel::load(model_path)?;
         Ok(Self {
-            model: LlamaModel::load(model_path)?,
+            architecture: model.config.arch.clone(),
+            model,
             base_down: BTreeMap::new(),
             model_sha256: model_sha256.to_string(),
-            architecture: "llama".into(),
             cache_dir: cache_dir.to_path_buf(),
             settings,
             answers_memo: None,

@@ -209,7 +209,7 @@ impl PrefEvalRun<'_> {
             }
             edits_accepted = Some(active.len());
             let refs: Vec<&Edit> = active.iter().collect();
-            let has = write_adapter(&refs, "llama", self.model_sha256, &adapter)?;
+            let has = write_adapter(&refs, editor.architecture(), self.model_sha256, &adapter)?;
             engine.set_adapter(has.then_some(adapter.as_path()))?;
         }
         let mut answers = Vec::new();

@@ -506,7 +506,8 @@ impl UpqaRun<'_> {
                         progress(done, total_steps);
                     }
                     let refs: Vec<&Edit> = active.iter().collect();
-                    let has = write_adapter(&refs, "llama", self.model_sha256, &adapter)?;
+                    let has =
+                        write_adapter(&refs, editor.architecture(), self.model_sha256, &adapter)?;
                     engine.set_adapter(has.then_some(adapter.as_path()))?;
                     for &i in members {
                         results[i].questions = self.ask_all(engine, i, self.system_prompt)?;

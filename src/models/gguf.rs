@@ -13,8 +13,9 @@ use candle_core::quantized::gguf_file;
 use thiserror::Error;
 
 /// Architectures whose GGUF layout imprint's editor understands. Mistral,
-/// TinyLlama, Llama 2/3 and SmolLM2 all declare `llama`.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
+/// TinyLlama, Llama 2/3 and SmolLM2 all declare `llama`; Qwen2 (and 2.5)
+/// adds biases to the attention projections and rotates by halves.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
 
 #[derive(Debug, Error)]
 pub enum GgufError {
