@@ -99,13 +99,88 @@ impl App {
         bar
     }
 
-    /// A progress bar over `len` steps, or nothing when no person is watching.
+    /// A progress bar over `len` steps. When stderr is not a terminal (a
+    /// log file, a script), a plain line such as "eval upqa: 37/130, 12m
+    /// elapsed" every half minute instead, so long runs in the background
+    /// still say how far they are.
     pub fn progress(&self, len: u64, message: &str) -> indicatif::ProgressBar {
+        let bar = indicatif::ProgressBar::new(len).with_message(message.to_string());
         if self.interactive {
-            indicatif::ProgressBar::new(len).with_message(message.to_string())
-        } else {
-            indicatif::ProgressBar::hidden()
+            return bar;
         }
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg}: {pos}/{len}, {elapsed} elapsed")
+        {
+            bar.set_style(style);
+        }
+        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like_with_hz(
+            Box::new(LogLines::new(std::time::Duration::from_secs(30))),
+            1,
+        ));
+        bar
+    }
+}
+
+/// An indicatif terminal that writes the bar's text as a whole line at most
+/// once per `every`, for logs, where cursor movement means nothing.
+#[derive(Debug)]
+struct LogLines {
+    every: std::time::Duration,
+    state: std::sync::Mutex<(String, Option<std::time::Instant>, String)>,
+}
+
+impl LogLines {
+    fn new(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            // (text of the frame being drawn, when a line was last written, that line)
+            state: std::sync::Mutex::new((String::new(), None, String::new())),
+        }
+    }
+}
+
+impl indicatif::TermLike for LogLines {
+    fn width(&self) -> u16 {
+        200
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        if let Ok(mut state) = self.state.lock() {
+            if !s.trim().is_empty() {
+                state.0 = s.trim().to_string();
+            }
+        }
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let Ok(mut state) = self.state.lock() else {
+            return Ok(());
+        };
+        let due = state.1.is_none_or(|t| t.elapsed() >= self.every);
+        if due && !state.0.is_empty() && state.0 != state.2 {
+            use std::io::Write;
+            writeln!(std::io::stderr(), "{}", state.0)?;
+            state.2 = state.0.clone();
+            state.1 = Some(std::time::Instant::now());
+        }
+        Ok(())
     }
 }
 

@@ -104,10 +104,19 @@ impl Client {
         })
         .map_err(|e| DaemonError::Protocol(e.to_string()))?;
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|e| DaemonError::Connect(format!("the daemon hung up: {e}")))?;
+        if let Err(e) = self.writer.write_all(line.as_bytes()).await {
+            // A daemon that refuses a connection (another user's) says why and
+            // closes it, sometimes before this write: the reason is still
+            // waiting to be read, and it is what the person needs to see.
+            let said = tokio::time::timeout(std::time::Duration::from_secs(2), self.next_frame());
+            if let Ok(Ok(Frame::Error { id: None, error })) = said.await {
+                return Err(DaemonError::Remote {
+                    code: error.code,
+                    message: error.message,
+                });
+            }
+            return Err(DaemonError::Connect(format!("the daemon hung up: {e}")));
+        }
         Ok(id)
     }
 
