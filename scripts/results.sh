@@ -11,7 +11,9 @@
 # with that table. Charts land in docs/charts/.
 #
 # It is long: on 2 CPU cores the 100-item sequential FT-M run alone takes
-# about an hour, and PrefEval's long multi-turn prompts about as long again.
+# about three hours (ten profiles of ten edits, each profile ≈ 16 minutes
+# with its locality pass; measured in session 8), and PrefEval's long
+# multi-turn prompts about an hour more.
 # `--items 10` (one item per UPQA attribute type, `--every 10`) makes the
 # UPQA part about 15 minutes. `--reuse` keeps every run whose report.json
 # is already in the output folder (an interrupted run resumes; tables and
