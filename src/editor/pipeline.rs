@@ -456,7 +456,18 @@ impl Editor {
         }
         self.sync_active(active)?;
         let work_dir = self.cache_dir.join("adapters");
-        let active_adapter = work_dir.join(format!("{}.verify-base.gguf", self.model_sha256));
+        // Named per process: the daemon and an `imprint edit` (or two
+        // evaluations) may compute edits for the same model at once, and each
+        // must verify its own candidate.
+        let scratch = |kind: &str| {
+            work_dir.join(format!(
+                "{}.{}.{kind}.gguf",
+                self.model_sha256,
+                std::process::id()
+            ))
+        };
+        let active_adapter = scratch("verify-base");
+        let candidate = scratch("candidate");
         let active_refs: Vec<&Edit> = active.iter().collect();
         let has_active = write_adapter(
             &active_refs,
@@ -654,7 +665,6 @@ impl Editor {
             layer,
             ..self.settings.rome.clone()
         };
-        let candidate = work_dir.join(format!("{}.candidate.gguf", self.model_sha256));
         let mut attempts = 0;
         let outcome = loop {
             attempts += 1;
@@ -880,6 +890,7 @@ impl Editor {
             }
         };
         let _ = std::fs::remove_file(&candidate);
+        let _ = std::fs::remove_file(&active_adapter);
         if !outcome.accepted {
             self.answers_memo = Some(answers_before);
         }
