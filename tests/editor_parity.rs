@@ -106,6 +106,21 @@ fn candle_forward_agrees_with_llama_cpp_on_chat_prompts() {
     assert!(p.mean_kl < 0.05, "mean KL {}", p.mean_kl);
 }
 
+/// Writes a GGUF with its tensors in name order.
+fn write_gguf(
+    path: &std::path::Path,
+    metadata: Vec<(String, candle_core::quantized::gguf_file::Value)>,
+    mut tensors: Vec<(String, candle_core::quantized::QTensor)>,
+) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut out, &meta, &refs).unwrap();
+}
+
 /// Writes a Llama-3-style variant of the default model: its first `layers`
 /// blocks, an untied output matrix and a `rope_freqs`
 /// tensor of per-frequency factors (Llama 3.1's long-context scaling). The
@@ -185,18 +200,12 @@ fn llama3_style_gguf(dir: &std::path::Path, layers: usize, with_freqs: bool) -> 
             .unwrap(),
         ));
     }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let path = dir.join(if with_freqs {
         "llama3-style.gguf"
     } else {
         "no-freqs.gguf"
     });
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    let meta: Vec<(&str, &gguf_file::Value)> =
-        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    gguf_file::write(&mut out, &meta, &refs).unwrap();
-    drop(out);
+    write_gguf(&path, metadata, tensors);
     path
 }
 
@@ -322,18 +331,12 @@ fn qwen2_style_gguf(dir: &std::path::Path, biases: bool) -> std::path::PathBuf {
             }
         }
     }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let path = dir.join(if biases {
         "qwen2-style.gguf"
     } else {
         "qwen2-no-bias.gguf"
     });
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    let meta: Vec<(&str, &gguf_file::Value)> =
-        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    gguf_file::write(&mut out, &meta, &refs).unwrap();
-    drop(out);
+    write_gguf(&path, metadata, tensors);
     path
 }
 

@@ -87,6 +87,46 @@ impl Default for EditorSettings {
     }
 }
 
+/// Removes the scratch adapters (`<sha>.<pid>.verify-base.gguf`,
+/// `….candidate.gguf`) that processes which are gone left behind. The
+/// verify-base adapter stays while its process lives: the engine may attach
+/// it again by path.
+fn remove_stale_scratch(work_dir: &Path, model_sha256: &str) {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(model_sha256))
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
+        let Some((pid, kind)) = rest.split_once('.') else {
+            continue;
+        };
+        if kind != "verify-base.gguf" && kind != "candidate.gguf" {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        if pid as u32 != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks that the process exists without signalling it; EPERM
+    // means it exists but belongs to someone else.
+    // SAFETY: kill(2) with signal 0 has no effect on the target.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// With `AnchorMode::Keys`, how many questions of the profile's active
 /// preferences (the most recent ones: 50 preferences of 3 questions) are
 /// kept exactly; the gate checks every one of them in any case. They are
@@ -223,6 +263,7 @@ impl Editor {
         settings: EditorSettings,
     ) -> Result<Self, EditorError> {
         let model = LlamaModel::load(model_path)?;
+        remove_stale_scratch(&cache_dir.join("adapters"), model_sha256);
         Ok(Self {
             architecture: model.config.arch.clone(),
             model,
@@ -890,7 +931,6 @@ impl Editor {
             }
         };
         let _ = std::fs::remove_file(&candidate);
-        let _ = std::fs::remove_file(&active_adapter);
         if !outcome.accepted {
             self.answers_memo = Some(answers_before);
         }
@@ -914,4 +954,30 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_adapters_of_gone_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = format!("abc.{}.verify-base.gguf", std::process::id());
+        // Above any pid_max: no such process.
+        let gone = "abc.2000000000.candidate.gguf";
+        let other_model = "def.2000000000.candidate.gguf";
+        let unrelated = "abc.adapter.gguf";
+        for name in [own.as_str(), gone, other_model, unrelated] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_stale_scratch(dir.path(), "abc");
+        assert!(dir.path().join(&own).exists(), "this process's file stays");
+        assert!(!dir.path().join(gone).exists());
+        assert!(
+            dir.path().join(other_model).exists(),
+            "only this model's files"
+        );
+        assert!(dir.path().join(unrelated).exists());
+    }
 }
