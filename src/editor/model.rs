@@ -276,11 +276,12 @@ fn architecture(ct: &gguf_file::Content, path: &Path) -> Result<String, EditorEr
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if arch == "llama" || arch == "qwen2" {
+    if crate::models::gguf::SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
         Ok(arch)
     } else {
         Err(EditorError::Model(format!(
-            "the editor supports llama- and qwen2-architecture models; {} is {arch:?}",
+            "the editor supports {} models; {} is {arch:?}",
+            crate::models::gguf::SUPPORTED_ARCHITECTURES.join(", "),
             path.display()
         )))
     }
