@@ -238,6 +238,11 @@ pub struct EditorFlags {
     /// Skip the null-space projection (worse locality; for experiments).
     #[arg(long)]
     pub no_nullspace: bool,
+    /// Share of ordinary keys' covariance energy the null-space projector
+    /// removes (default 0.99, as AlphaEdit): lower lets the edit act through
+    /// more directions, at some cost to unrelated answers.
+    #[arg(long)]
+    pub nullspace_energy: Option<f64>,
     /// How anchor questions keep their answers (default: `[editor] anchors`
     /// in the config, "keys"): `keys` (the edited layer keeps its output on
     /// the anchors' keys; the most recent preferences keep their answers by
@@ -273,6 +278,7 @@ impl EditorFlags {
             l2: self.l2.unwrap_or(defaults.l2),
             min_locality: self.min_locality.unwrap_or(defaults.min_locality),
             use_nullspace: defaults.use_nullspace && !self.no_nullspace,
+            nullspace_energy: self.nullspace_energy.unwrap_or(defaults.nullspace_energy),
             anchors: self.anchors.unwrap_or(defaults.anchors),
             retry: defaults.retry && !self.no_retry,
             ..defaults

@@ -77,20 +77,33 @@ pub fn corpus(
     Ok(seqs)
 }
 
-fn projector_path(cache_dir: &Path, model_sha256: &str, layer: usize) -> PathBuf {
-    cache_dir.join(format!("{model_sha256}.layer{layer}.projector"))
+fn projector_path(cache_dir: &Path, model_sha256: &str, layer: usize, energy: f64) -> PathBuf {
+    if energy == ENERGY {
+        cache_dir.join(format!("{model_sha256}.layer{layer}.projector"))
+    } else {
+        cache_dir.join(format!(
+            "{model_sha256}.layer{layer}.energy{energy}.projector"
+        ))
+    }
 }
 
-/// Loads the cached projector for `layer`, or computes and caches it.
+/// Loads the cached projector for `layer` that removes `energy` (a share,
+/// 0–1) of the key covariance, or computes and caches it.
 pub fn load_or_compute(
     model: &LlamaModel,
     corpus: &[Vec<u32>],
     cache_dir: &Path,
     model_sha256: &str,
     layer: usize,
+    energy: f64,
 ) -> Result<NullSpace, EditorError> {
+    if !(0.0..1.0).contains(&energy) {
+        return Err(EditorError::Invalid(format!(
+            "the null-space energy must be at least 0 and below 1, not {energy}"
+        )));
+    }
     let n = model.config.n_ff;
-    let path = projector_path(cache_dir, model_sha256, layer);
+    let path = projector_path(cache_dir, model_sha256, layer, energy);
     if let Some(cached) = read_cached(&path, n)? {
         return Ok(cached);
     }
@@ -103,7 +116,7 @@ pub fn load_or_compute(
     let mut acc = 0.0;
     let mut removed = 0;
     for &i in &order {
-        if acc >= ENERGY * total {
+        if acc >= energy * total {
             break;
         }
         acc += eig.eigenvalues[i].max(0.0);

@@ -41,6 +41,10 @@ pub struct EditorSettings {
     /// target loss is below this: lower gives firmer but larger edits.
     pub stop_loss: f32,
     pub use_nullspace: bool,
+    /// Share of the ordinary keys' covariance energy the null-space
+    /// projector removes from the edit's input side (AlphaEdit uses 0.99):
+    /// lower leaves the edit more directions to act through.
+    pub nullspace_energy: f64,
     /// How the anchor questions (other attributes, general questions, the
     /// other active preferences) are kept from changing.
     pub anchors: AnchorMode,
@@ -75,6 +79,7 @@ impl Default for EditorSettings {
             l2: 0.01,
             stop_loss: 0.2,
             use_nullspace: true,
+            nullspace_energy: nullspace::ENERGY,
             anchors: AnchorMode::Keys,
             min_locality: 0.9,
             probe_tokens: 16,
@@ -618,8 +623,15 @@ impl Editor {
             let corpus = nullspace::corpus(engine, &sys, &dir, &self.model_sha256)?;
             engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
             Some(
-                nullspace::load_or_compute(&self.model, &corpus, &dir, &self.model_sha256, layer)?
-                    .projector,
+                nullspace::load_or_compute(
+                    &self.model,
+                    &corpus,
+                    &dir,
+                    &self.model_sha256,
+                    layer,
+                    self.settings.nullspace_energy,
+                )?
+                .projector,
             )
         } else {
             None

@@ -4,7 +4,7 @@
 //!   sentence, with its `attribute_type` and `target`.
 //! - Positives without labels: every PrefEval `explicit_preference`
 //!   statement (only whether something is extracted can be measured).
-//! - Negatives: `assets/eval/non_preferences.txt`, 215 sentences with no
+//! - Negatives: `assets/eval/non_preferences.txt`, 225 sentences with no
 //!   preference of the user (questions, other people, hypotheticals,
 //!   assistant-style text, secrets, small talk).
 //!

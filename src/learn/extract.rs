@@ -155,7 +155,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "relationship",
-            r"i(?:'m| am) (?:happily |recently )?((?:married|single|divorced|engaged|widowed|unmarried|in an? (?:\w+ ){0,3}relationship)\b.*)",
+            r"i(?:'m| am) (?:happily |recently |happy being |content being )?((?:married|single|divorced|engaged|widowed|unmarried|in an? (?:\w+ ){0,3}relationship)\b.*)",
             "relationship status",
             Is,
             0.9,
@@ -163,21 +163,21 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         r("name", r"my name is (.+)", "name", Is, 0.95),
         r(
             "study",
-            r"i(?:'m| am)? (?:currently )?(?:study|studying|majoring in|doing a (?:degree|phd|masters?) in) (.+)",
+            r"i(?:'m| am)? (?:currently |also |still )?(?:study|studying|majoring in|doing a (?:degree|phd|masters?) in) (.+)",
             "education",
             Is,
             0.85,
         ),
         r(
             "pet",
-            r"i (?:have|own|got|adopted) (?:a |an |two |three |four |\d+ )?(?:pet |little |big |old |young |rescue |new )?((?:\w+ ){0,2}(?:dog|cat|puppy|puppies|kitten|turtle|parrot|hamster|rabbit|bunny|bunnies|fish|goldfish|snake|lizard|horse|pony|ponies|ferret|guinea pig|bird|iguana|gecko|tortoise|chicken|goat|pig|cow|sheep|mouse|mice|rat|frog|spider)s?\b.*)",
+            r"i (?:have|own|got|adopted) (?:a |an |two |three |four |\d+ ?)?(?:pet |little |big |old |young |rescue |new )?((?:\w+ ){0,2}(?:dog|cat|puppy|puppies|kitten|turtle|parrot|hamster|rabbit|bunny|bunnies|fish|goldfish|snake|lizard|horse|pony|ponies|ferret|guinea pig|bird|iguana|gecko|tortoise|chicken|goat|pig|cow|sheep|mouse|mice|rat|frog|spider)s?\b.*)",
             "pet",
             Is,
             0.85,
         ),
         r(
             "vehicle",
-            r"i (?:drive|ride|own) (?:a |an )?(.+?\b(?:car|truck|pickup|van|suv|motorcycle|bike|scooter|tesla|ford|toyota|honda|bmw|audi|jeep|volvo|vw|volkswagen|prius|civic|mustang|harley)\b.*)",
+            r"i (?:drive|ride|own) (?:a |an )?(.+?\b(?:car|truck|pickup|van|suv|motorcycle|bike|scooter|tesla|ford|toyota|honda|bmw|audi|jeep|volvo|vw|volkswagen|prius|civic|mustang|harley|motorbike|nissan|chevy|chevrolet|subaru|mazda|kia|hyundai|dodge|gmc|lexus|mercedes|porsche|ferrari|pathfinder|camry|corolla|beetle)\b.*)",
             "vehicle",
             Is,
             0.85,
@@ -191,7 +191,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "dislike",
-            r"i (?:(?:really|absolutely|totally|just|truly|also|honestly|strongly|definitely|generally|much|always|usually|actually|particularly|especially|greatly|deeply|simply|still) )*(?:hate|dislike|detest|loathe|can't stand|cannot stand|can not stand|don't like|do not like|don't enjoy|do not enjoy|don't eat|do not eat|avoid|never eat|never drink|steer clear of|stay away from)(?: to)? (.+)",
+            r"i (?:(?:really|absolutely|totally|just|truly|also|honestly|strongly|definitely|generally|much|always|usually|actually|particularly|especially|greatly|deeply|simply|still) )*(?:hate|dislike|detest|loathe|can't stand|cannot stand|can not stand|don't like|do not like|don't enjoy|do not enjoy|don't eat|do not eat|don't drink|do not drink|avoid|never eat|never drink|steer clear of|stay away from)(?: to)? (.+)",
             "dislikes",
             Dislike,
             0.85,
@@ -205,14 +205,14 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "like",
-            r"i (?:(?:really|absolutely|totally|just|truly|also|honestly|strongly|definitely|generally|much|always|usually|actually|particularly|especially|greatly|deeply|simply|still) )*(?:love|like|enjoy|adore|prefer|am into|'m into|am passionate about|'m passionate about|am obsessed with|'m obsessed with|am a (?:big |huge )?fan of|'m a (?:big |huge )?fan of|am crazy about|'m crazy about)(?: to)? (.+)",
+            r"i (?:(?:really|absolutely|totally|just|truly|also|honestly|strongly|definitely|generally|much|always|usually|actually|particularly|especially|greatly|deeply|simply|still|do) )*(?:love|like|enjoy|adore|prefer|am into|'m into|am passionate about|'m passionate about|am obsessed with|'m obsessed with|am a (?:big |huge )?fan of|'m a (?:big |huge )?fan of|am crazy about|'m crazy about)(?: to)? (.+)",
             "likes",
             Like,
             0.8,
         ),
         r(
             "hobby-verb",
-            r"i (?:often |usually |always |regularly |love to |like to |enjoy )?(play|collect|knit|paint|bake|hike|surf|ski|swim|dance|sing|garden|fish|hunt|climb|camp|cycle|skate|sew|draw|write|read|cook) (.+)",
+            r"i (?:often |usually |always |regularly |also |love to |like to |enjoy )?(play(?:ed)?|collect|knit|paint|bake|hike|surf|ski|swim|dance|sing|garden|fish|hunt|climb|camp|cycle|skate|sew|draw|write|read|cook) (.+)",
             "hobby",
             Is,
             0.6,
@@ -237,6 +237,139 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             "pet",
             Is,
             0.75,
+        ),
+        r(
+            "interest",
+            r"i(?:'m| am) (?:very |really |deeply |also |especially |particularly )?interested in (.+?)(?: and .*)?",
+            "interest",
+            Is,
+            0.8,
+        ),
+        r(
+            "care-about",
+            r"i (?:really |truly )?care (?:deeply |a lot |so much |passionately )?about (.+)",
+            "interest",
+            Is,
+            0.75,
+        ),
+        r(
+            "is-my-passion",
+            r"(.+?) (?:is|are) (?:really |definitely )?my (?:biggest |main |true |greatest |one )?(?:passion|hobby|obsession|favou?rite (?:thing to do|pastime|activity))",
+            "hobby",
+            Is,
+            0.85,
+        ),
+        r(
+            "know-how",
+            r"i (?:also )?know how to (.+)",
+            "skill",
+            Is,
+            0.7,
+        ),
+        r(
+            "team",
+            r"i (?:am|was|'m|play|played) on (?:the|a|my) (?:(?:school|college|high school|university|varsity|local|company|office|national) )?(\w+(?: \w+)?) team\b.*",
+            "sport",
+            Is,
+            0.8,
+        ),
+        r(
+            "as-a-hobby",
+            r"i (?:also )?(.+?) (?:as a hobby|for fun|as a pastime|in my spare time|in my free time)",
+            "hobby",
+            Is,
+            0.75,
+        ),
+        r(
+            "sweet-tooth",
+            r"i have (?:a |an )?(?:big |huge |real |massive |terrible )?sweet tooth\b.*",
+            "food preference",
+            Like,
+            0.85,
+        ),
+        r(
+            "childfree",
+            r"i (?:do not|don't|never) want (?:any )?(?:kids|children|to have (?:kids|children))\b.*",
+            "family",
+            Is,
+            0.8,
+        ),
+        r(
+            "garden",
+            r"i have (?:a |an )?(?:large |big |small |little |huge |vegetable |flower |herb |beautiful )*(?:garden|allotment)\b.*",
+            "hobby",
+            Is,
+            0.75,
+        ),
+        r(
+            "my-transport",
+            r"my (?:main |only |usual )?(?:means of )?(?:transportation|transport|ride|vehicle) is (?:my |a |an )?(.+)",
+            "vehicle",
+            Is,
+            0.8,
+        ),
+        r(
+            "dream-thing",
+            r"my dream (?:car|house|home|job|vacation|holiday|destination|trip|pet|wedding) (?:is|would be) (?:a |an |to )?(.+)",
+            "aspiration",
+            Is,
+            0.8,
+        ),
+        r(
+            "role-model",
+            r"my (?:personal )?(?:ideal|hero|role model|idol|inspiration) (?:is|has always been) (.+)",
+            "role model",
+            Is,
+            0.8,
+        ),
+        r(
+            "on-diet",
+            r"i(?:'m| am) (?:currently |now |still )?on a (?:strict )?(?:(\w+) )?diet\b.*",
+            "diet",
+            Is,
+            0.8,
+        ),
+        r(
+            "had-surgery",
+            r"i (?:just |recently )?had (?:an? )?((?:\w+ )?(?:surgery|operation|transplant|heart attack|stroke))\b.*",
+            "health condition",
+            Is,
+            0.8,
+        ),
+        r(
+            "considering",
+            r"i(?:'m| am) (?:seriously |currently |now )?(?:considering|thinking about|thinking of|looking forward to|planning on) (\w+ing\b.*)",
+            "goal",
+            Is,
+            0.6,
+        ),
+        r(
+            "dream-of",
+            r"i (?:dream of|dream about|long to|can't wait to|cannot wait to) (.+)",
+            "goal",
+            Is,
+            0.6,
+        ),
+        r(
+            "job-seeking",
+            r"i(?:'m| am) (?:now |currently |still )?(?:looking|searching) for (?:a |an )?(?:new |full[- ]time |part[- ]time |better )?(?:job|work)\b.*",
+            "job",
+            Is,
+            0.75,
+        ),
+        r(
+            "proud-to-be",
+            r"i(?:'m| am) (?:very )?proud to be (?:an? )?(.+)",
+            "identity",
+            Is,
+            0.75,
+        ),
+        r(
+            "do-activity",
+            r"i (?:often |usually |also |regularly |sometimes )?do (?:a lot of |some )?((?:\w+ )*?(?:yoga|pilates|crossfit|karate|judo|jiu jitsu|taekwondo|kung fu|boxing|kickboxing|crafts|puzzles|crosswords|\w+ing)\b.*)",
+            "hobby",
+            Is,
+            0.65,
         ),
         r(
             "am-a",
@@ -310,7 +443,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "spend-time",
-            r"i spend (?:most of |a lot of |all of |much of )?(?:my )?(?:free |spare )?(?:time|days|weekends|evenings) (.+)",
+            r"i spend (?:most of |a lot of |all of |much of )?(?:my )?(?:free |spare )?(?:time|days?|weekends|evenings) (.+)",
             "hobby",
             Is,
             0.7,
@@ -345,7 +478,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "activity-verb",
-            r"i (?:often |usually |always |regularly |also |sometimes |only |mostly |mainly )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed|restore|run|walk|jog|brew|fix) (.*)",
+            r"i (?:often |usually |always |regularly |also |sometimes |only |mostly |mainly )?(eat|drink|teach|speak|volunteer|attend|listen to|watch|ride|train|practice|practise|work out|exercise|meditate|rent|grow|raise|build|make|design|repair|sell|travel|visit|compete|shop|sew|coach|homeschool|foster|breed|restore|run|walk|jog|brew|fix|buy) (.*)",
             "activity",
             Is,
             0.6,
@@ -408,7 +541,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "health-have",
-            r"i (?:have|suffer from|live with|was diagnosed with) (?:a |an )?((?:\w+ ){0,2}(?:diabetes|asthma|adhd|autism|anxiety|depression|epilepsy|arthritis|cancer|migraines?|insomnia|dyslexia|ocd|ptsd|disability|illness|disease|syndrome|disorder|hearing loss|back pain|chronic pain)\b.*)",
+            r"i (?:have|suffer from|live with|was diagnosed with) (?:a |an )?((?:\w+ ){0,2}(?:diabetes|asthma|adhd|autism|anxiety|depression|epilepsy|arthritis|cancer|migraines?|insomnia|dyslexia|ocd|ptsd|disability|illness|disease|syndrome|disorder|hearing loss|back pain|chronic pain|broken (?:arm|leg|wrist|ankle|hand|foot|rib|nose|collarbone))\b.*)",
             "health condition",
             Is,
             0.75,
@@ -465,6 +598,13 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         r(
             "collection",
             r"i have (?:a |an )?(?:large |huge |big |small |growing |nice )?collection of (.+)",
+            "hobby",
+            Is,
+            0.75,
+        ),
+        r(
+            "collection-have",
+            r"i have (?:a |an )?(?:large |huge |big |small |growing |nice )?(\w+(?: \w+)?) collection\b.*",
             "hobby",
             Is,
             0.75,
@@ -554,9 +694,17 @@ fn clean_target(raw: &str) -> String {
     let t = raw
         .trim()
         .trim_end_matches(['.', '!', ',', ';', ':', ')', '"', '\'']);
-    let t = TRAILING.replace(t, "");
-    let t = t.trim().trim_end_matches(['.', '!', ',', ';', ':']);
-    t.trim().to_string()
+    let cut = TRAILING.replace(t, "");
+    let cut = cut
+        .trim()
+        .trim_end_matches(['.', '!', ',', ';', ':'])
+        .trim();
+    // "the who" is a band, not "the" followed by a relative clause.
+    if normalise(cut).is_empty() {
+        t.trim().to_string()
+    } else {
+        cut.to_string()
+    }
 }
 
 /// Routines that are not pastimes or traits: "I check my email every day".
@@ -564,6 +712,18 @@ static NOT_A_HABIT: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"(?i)^(?:can|cannot|can't|could|will|would|should|must|may|might|do|don't|did|be|am|was|have|had|get|feel|think|need|want|check|call|text|e-?mail|see|wake|sleep|work|pay|shower|use|change|clean|sigh|cry|forget|lose|barely|never|hardly)\b",
     )
+});
+
+/// What an assistant, not a person with a skill, knows how to do.
+static NOT_A_SKILL: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^(?:help|answer|do (?:that|this|it)|fix (?:that|this|it)|solve|explain|use (?:it|this|that)|handle|find|get there|deal with)\b",
+    )
+});
+
+/// "-ing" words that are not activities: "I do something about it".
+static NOT_AN_ACTIVITY: LazyLock<Regex> = LazyLock::new(|| {
+    re(r"(?i)^(?:something|anything|nothing|everything|the same thing|my thing|things)\b")
 });
 
 /// A verb phrase as a noun phrase, the way a profile names an activity:
@@ -753,11 +913,28 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
                 }
             }
             "dropout" => format!("{} dropout", group(1).to_ascii_lowercase()),
-            "collection" => format!("collecting {}", clean_target(group(1))),
+            "collection" | "collection-have" => format!("collecting {}", clean_target(group(1))),
+            // Rules whose sentence names the preference without a span to
+            // copy: "I have a big sweet tooth" → sweets.
+            "sweet-tooth" => "sweets".into(),
+            "childfree" => "childfree".into(),
+            "garden" => "gardening".into(),
+            "job-seeking" => "job seeking".into(),
+            "on-diet" => match c.get(1) {
+                Some(kind) => format!("{} diet", kind.as_str()),
+                None => "dieting".into(),
+            },
+            "know-how" | "as-a-hobby" => gerund_phrase(&clean_target(group(1))),
             "learning" => format!("learning {}", clean_target(group(1))),
             // The activity as a noun phrase: "play chess" → "playing chess".
             "hobby-verb" | "activity-verb" => {
-                gerund_phrase(&format!("{} {}", group(1), clean_target(group(2))))
+                let verb = group(1);
+                let verb = if verb.eq_ignore_ascii_case("played") {
+                    "play"
+                } else {
+                    verb
+                };
+                gerund_phrase(&format!("{verb} {}", clean_target(group(2))))
             }
             "habit" | "spare-time" => gerund_phrase(&clean_target(group(1))),
             _ => clean_target(&target),
@@ -771,6 +948,14 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
             continue;
         }
         if target.is_empty() || target.split_whitespace().count() > 12 || attribute.is_empty() {
+            continue;
+        }
+        // "I know how to help you with that" is the assistant talking.
+        if rule.name == "know-how" && NOT_A_SKILL.is_match(group(1)) {
+            continue;
+        }
+        // "I do nothing all day" names no activity.
+        if rule.name == "do-activity" && NOT_AN_ACTIVITY.is_match(&target) {
             continue;
         }
         if rule.name == "habit" && NOT_A_HABIT.is_match(group(1)) {
@@ -911,6 +1096,117 @@ mod tests {
             ("sing", "singing"),
         ] {
             assert_eq!(gerund_phrase(verb), gerund, "{verb}");
+        }
+    }
+
+    #[test]
+    fn more_first_person_phrasings_are_read() {
+        assert_extracts(&[
+            (
+                "I do like watching cooking shows.",
+                "hobby",
+                "watching cooking shows",
+            ),
+            ("I do not drink soda.", "dislikes", "soda"),
+            (
+                "I also write diet cookbooks.",
+                "hobby",
+                "writing diet cookbooks",
+            ),
+            (
+                "I played football for my college.",
+                "hobby",
+                "playing football for my college",
+            ),
+            ("I also study languages.", "education", "languages"),
+            ("I have 5cats.", "pet", "cats"),
+            (
+                "I drive a nissan pathfinder.",
+                "vehicle",
+                "nissan pathfinder",
+            ),
+            (
+                "My main transportation is my motorbike.",
+                "vehicle",
+                "motorbike",
+            ),
+            (
+                "I spend most of my day at the library.",
+                "hobby",
+                "at the library",
+            ),
+            ("I am happy being single.", "relationship status", "single"),
+            (
+                "I buy only organic food.",
+                "activity",
+                "buying only organic food",
+            ),
+            (
+                "I just had knee surgery.",
+                "health condition",
+                "knee surgery",
+            ),
+            ("I have a broken arm.", "health condition", "broken arm"),
+            (
+                "I am interested in photography and like taking pictures.",
+                "interest",
+                "photography",
+            ),
+            ("I care deeply about politics.", "interest", "politics"),
+            ("Knitting is my passion.", "hobby", "Knitting"),
+            ("I know how to sew quilts.", "skill", "sewing quilts"),
+            ("I was on the soccer team in college.", "sport", "soccer"),
+            (
+                "I try various teas as a hobby.",
+                "hobby",
+                "trying various teas",
+            ),
+            ("I have a big sweet tooth.", "food preference", "sweets"),
+            ("I do not want kids.", "family", "childfree"),
+            ("I have a large vegetable garden.", "hobby", "gardening"),
+            (
+                "My dream car is a rolls royce ghost.",
+                "aspiration",
+                "rolls royce ghost",
+            ),
+            (
+                "My role model is my grandmother.",
+                "role model",
+                "my grandmother",
+            ),
+            ("I am on a diet now.", "diet", "dieting"),
+            ("I'm on a keto diet.", "diet", "keto diet"),
+            (
+                "I am considering going back to college.",
+                "goal",
+                "going back to college",
+            ),
+            (
+                "I dream of moving to the city.",
+                "goal",
+                "moving to the city",
+            ),
+            ("I am now looking for a new job.", "job", "job seeking"),
+            (
+                "I have a hat collection of over 1000 hats.",
+                "hobby",
+                "collecting hat",
+            ),
+            ("I am proud to be an american.", "identity", "american"),
+            (
+                "I do live action roleplaying.",
+                "hobby",
+                "live action roleplaying",
+            ),
+            ("My favorite band is the who.", "band", "the who"),
+        ]);
+        // What the new rules must leave alone.
+        for sentence in [
+            "I know how to help you with that.",
+            "I do something about it every time.",
+            "I do not want to go there.",
+        ] {
+            assert!(extract_sentence(sentence).is_err(), "{sentence}");
         }
     }
 
