@@ -723,7 +723,7 @@ static NOT_A_SKILL: LazyLock<Regex> = LazyLock::new(|| {
 
 /// "-ing" words that are not activities: "I do something about it".
 static NOT_AN_ACTIVITY: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)^(?:something|anything|nothing|everything|the same thing|my thing|things)\b")
+    re(r"(?i)^(?:something|anything|nothing|everything|the same thing|my thing|things|not|never)\b")
 });
 
 /// A verb phrase as a noun phrase, the way a profile names an activity:
@@ -948,6 +948,19 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
             continue;
         }
         if target.is_empty() || target.split_whitespace().count() > 12 || attribute.is_empty() {
+            continue;
+        }
+        // "I care about getting this right for you", "I do not want to keep
+        // you waiting": about the listener, which is not a preference.
+        if target
+            .split(|c: char| !c.is_alphanumeric() && c != '\'')
+            .any(|w| {
+                matches!(
+                    w.to_ascii_lowercase().as_str(),
+                    "you" | "your" | "yours" | "you're"
+                )
+            })
+        {
             continue;
         }
         // "I know how to help you with that" is the assistant talking.
@@ -1205,6 +1218,8 @@ mod tests {
             "I know how to help you with that.",
             "I do something about it every time.",
             "I do not want to go there.",
+            "I do not want to keep you waiting.",
+            "I care about getting this right for you.",
         ] {
             assert!(extract_sentence(sentence).is_err(), "{sentence}");
         }
