@@ -210,6 +210,33 @@ pub struct TypeScore {
     pub accuracy: f64,
     pub f1: f64,
     pub n: usize,
+    /// Answers that name another item's target instead of their own: an
+    /// edit that fires on the wrong personal question ("What do I do for a
+    /// living?" → the hobby). The `none` baseline gives the chance level.
+    pub other_target: usize,
+}
+
+/// How many of `results`' answers to questions of `kind` contain another
+/// item's target (case-insensitive) and not their own.
+pub fn other_target_answers(results: &[ItemResult], kind: &str) -> usize {
+    results
+        .iter()
+        .flat_map(|r| {
+            r.questions
+                .iter()
+                .filter(move |q| q.kind == kind && !q.correct)
+                .map(move |q| (r, q))
+        })
+        .filter(|(r, q)| {
+            let answer = q.answer.to_lowercase();
+            results.iter().any(|o| {
+                o.index != r.index
+                    && !o.target.trim().is_empty()
+                    && !o.target.eq_ignore_ascii_case(&r.target)
+                    && answer.contains(&o.target.to_lowercase())
+            })
+        })
+        .count()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -543,6 +570,7 @@ impl UpqaRun<'_> {
                     accuracy: qs.iter().filter(|q| q.correct).count() as f64 / count,
                     f1: qs.iter().map(|q| q.f1).sum::<f64>() / count,
                     n: qs.len(),
+                    other_target: other_target_answers(&results, kind),
                 }
             })
             .collect();
@@ -623,6 +651,15 @@ pub fn markdown(report: &UpqaReport) -> String {
         cell("implicit"),
         cell("product")
     ));
+    let crosstalk: Vec<String> = report
+        .scores
+        .iter()
+        .map(|s| format!("{} {}/{}", s.kind, s.other_target, s.n))
+        .collect();
+    out.push_str(&format!(
+        "\nAnswers naming another item's target instead of their own: {}.\n",
+        crosstalk.join(", ")
+    ));
     let mut notes = Vec::new();
     if report.explicit_held_out {
         notes.push(
@@ -670,6 +707,66 @@ mod tests {
             product_recommendation_question: String::new(),
             target: String::new(),
         }
+    }
+
+    fn answered(index: usize, target: &str, answers: &[(&'static str, &str)]) -> ItemResult {
+        ItemResult {
+            index,
+            attribute: String::new(),
+            target: target.into(),
+            training_questions: Vec::new(),
+            edit_accepted: None,
+            edit_seconds: None,
+            edit_locality: None,
+            edit_rejection: None,
+            edit_steps: None,
+            edit_train_seconds: None,
+            questions: answers
+                .iter()
+                .map(|&(kind, answer)| QuestionResult {
+                    kind,
+                    question: String::new(),
+                    answer: answer.into(),
+                    correct: answer.to_lowercase().contains(&target.to_lowercase()),
+                    f1: 0.0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn answers_with_another_items_target_are_counted_as_crosstalk() {
+        let results = vec![
+            answered(
+                0,
+                "Dancing at clubs",
+                &[
+                    ("explicit", "Dancing at clubs"),
+                    ("paraphrased", "I like jazz music"),
+                ],
+            ),
+            answered(
+                1,
+                "Jazz music",
+                &[
+                    ("explicit", "dancing at clubs!"),
+                    ("paraphrased", "Jazz music, of course"),
+                ],
+            ),
+            // Its own target beside another one is not crosstalk; an item
+            // sharing a target with another is never counted against it.
+            answered(
+                2,
+                "Dancing at clubs",
+                &[
+                    ("explicit", "Jazz music and dancing at clubs"),
+                    ("paraphrased", "No idea"),
+                ],
+            ),
+        ];
+        assert_eq!(other_target_answers(&results, "explicit"), 1);
+        assert_eq!(other_target_answers(&results, "paraphrased"), 1);
+        assert_eq!(other_target_answers(&results, "implicit"), 0);
     }
 
     #[test]
