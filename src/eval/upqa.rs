@@ -204,6 +204,25 @@ pub struct ItemResult {
     pub questions: Vec<QuestionResult>,
 }
 
+impl ItemResult {
+    /// An item before its edit and questions have run.
+    pub fn unscored(index: usize, attribute: String, target: String) -> Self {
+        Self {
+            index,
+            attribute,
+            target,
+            training_questions: Vec::new(),
+            edit_accepted: None,
+            edit_seconds: None,
+            edit_locality: None,
+            edit_rejection: None,
+            edit_steps: None,
+            edit_train_seconds: None,
+            questions: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TypeScore {
     pub kind: &'static str,
@@ -441,18 +460,12 @@ impl UpqaRun<'_> {
     ) -> Result<UpqaReport, EditorError> {
         let n = self.items.len();
         let mut results: Vec<ItemResult> = (0..n)
-            .map(|i| ItemResult {
-                index: i,
-                attribute: self.items[i].attribute_type.clone(),
-                target: self.items[i].target.clone(),
-                training_questions: Vec::new(),
-                edit_accepted: None,
-                edit_seconds: None,
-                edit_locality: None,
-                edit_rejection: None,
-                edit_steps: None,
-                edit_train_seconds: None,
-                questions: Vec::new(),
+            .map(|i| {
+                ItemResult::unscored(
+                    i,
+                    self.items[i].attribute_type.clone(),
+                    self.items[i].target.clone(),
+                )
             })
             .collect();
         let total_steps = if self.method.edits() && self.mode == EvalMode::Sequential {
@@ -711,16 +724,6 @@ mod tests {
 
     fn answered(index: usize, target: &str, answers: &[(&'static str, &str)]) -> ItemResult {
         ItemResult {
-            index,
-            attribute: String::new(),
-            target: target.into(),
-            training_questions: Vec::new(),
-            edit_accepted: None,
-            edit_seconds: None,
-            edit_locality: None,
-            edit_rejection: None,
-            edit_steps: None,
-            edit_train_seconds: None,
             questions: answers
                 .iter()
                 .map(|&(kind, answer)| QuestionResult {
@@ -731,6 +734,7 @@ mod tests {
                     f1: 0.0,
                 })
                 .collect(),
+            ..ItemResult::unscored(index, String::new(), target.into())
         }
     }
 
