@@ -105,6 +105,20 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             0.9,
         ),
         r(
+            "moved-from",
+            r"i(?:'ve| have)? (?:just |recently )?(?:moved|came|emigrated|immigrated) (?:here |over )?from (.+)",
+            "hometown",
+            Is,
+            0.85,
+        ),
+        r(
+            "school-went",
+            r"i went to (?:college|school|university|high school|grad school|law school|med school) (?:at|in) (.+)",
+            "education",
+            Is,
+            0.85,
+        ),
+        r(
             "location-from",
             r"i(?:'m| am) (?:originally )?from (.+)",
             "hometown",
@@ -124,6 +138,20 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
             "profession",
             Is,
             0.9,
+        ),
+        r(
+            "remote",
+            r"i (?:mostly |mainly |currently |now |usually )?work (?:from|at) home\b.*",
+            "work arrangement",
+            Is,
+            0.8,
+        ),
+        r(
+            "jobs-count",
+            r"i have (?:two|three|four|\d+) (?:part[- ]time |full[- ]time |different )?jobs\b.*",
+            "job",
+            Is,
+            0.8,
         ),
         r(
             "job-work-in",
@@ -583,7 +611,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "retired",
-            r"i(?:'m| am) (?:now |recently |happily )?(retired(?: from .+)?)",
+            r"i(?:'m| am|'ve been| have been) (?:now |recently |happily )?(retired(?: from .+| for .+)?)",
             "profession",
             Is,
             0.8,
@@ -673,7 +701,7 @@ static OTHER_PERSON: LazyLock<Regex> = LazyLock::new(|| {
 });
 static LEADING_FILLER: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)^(?:(?:(?:hey|hi|hello)(?: there)?|well|also|actually|honestly|so|and|but|oh|yeah|yes|no|ok|okay|anyway|btw|by the way|fun fact|for the record|to be honest|personally|these days|lately|nowadays)\b[,:]?\s*)+",
+        r"(?i)^(?:(?:(?:hey|hi|hello)(?: there)?|well|also|actually|honestly|so|and|but|oh|yeah|yes|no|ok|okay|anyway|btw|by the way|fun fact|for the record|to be honest|personally|these days|lately|nowadays|now)\b[,:]?\s*)+",
     )
 });
 /// "I'm sorry", "I'm back", "I'm going": states of the moment, not traits.
@@ -920,6 +948,8 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
             "childfree" => "childfree".into(),
             "garden" => "gardening".into(),
             "job-seeking" => "job seeking".into(),
+            "remote" => "working from home".into(),
+            "jobs-count" => clean_target(body.split_once("have ").map_or("", |(_, r)| r)),
             "on-diet" => match c.get(1) {
                 Some(kind) => format!("{} diet", kind.as_str()),
                 None => "dieting".into(),
@@ -1212,6 +1242,28 @@ mod tests {
                 "live action roleplaying",
             ),
             ("My favorite band is the who.", "band", "the who"),
+            ("I work from home.", "work arrangement", "working from home"),
+            ("I have two part time jobs.", "job", "two part time jobs"),
+            (
+                "I have been retired for ten years.",
+                "profession",
+                "retired for ten years",
+            ),
+            (
+                "Hello i just moved here from germany.",
+                "hometown",
+                "germany",
+            ),
+            (
+                "I went to college at university of mississippi.",
+                "education",
+                "university of mississippi",
+            ),
+            (
+                "Now i live in the united states.",
+                "location",
+                "the united states",
+            ),
         ]);
         // What the new rules must leave alone.
         for sentence in [
