@@ -148,7 +148,7 @@ static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         ),
         r(
             "jobs-count",
-            r"i have (?:two|three|four|\d+) (?:part[- ]time |full[- ]time |different )?jobs\b.*",
+            r"i have ((?:two|three|four|\d+) (?:part[- ]time |full[- ]time |different )?jobs\b.*)",
             "job",
             Is,
             0.8,
@@ -949,7 +949,6 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
             "garden" => "gardening".into(),
             "job-seeking" => "job seeking".into(),
             "remote" => "working from home".into(),
-            "jobs-count" => clean_target(body.split_once("have ").map_or("", |(_, r)| r)),
             "on-diet" => match c.get(1) {
                 Some(kind) => format!("{} diet", kind.as_str()),
                 None => "dieting".into(),
