@@ -161,7 +161,7 @@ pub fn run(
     let (mut missed, mut wrong) = (Vec::new(), Vec::new());
     for item in &items {
         let Some(c) = predict(&item.input_attribute, &mut skipped, &mut llm, &mut llm_used)? else {
-            if missed.len() < 200 {
+            if missed.len() < 400 {
                 missed.push(Example {
                     sentence: item.input_attribute.clone(),
                     gold: format!("{} → {}", item.attribute_type, item.target),
