@@ -36,6 +36,8 @@ pub struct EditorConfig {
     pub anchors: crate::editor::AnchorMode,
     /// Weight of the key-preservation term of `anchors = "keys"`.
     pub anchor_key_weight: f64,
+    /// Share of ordinary keys' energy the null-space projector removes.
+    pub nullspace_energy: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -249,9 +251,22 @@ impl LoadedConfig {
             toml::Value::Table(merged.clone())
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                    origin,
+                    origin: origin.clone(),
                     message: e.to_string(),
                 })?;
+        // Range checks serde cannot express; refused here, at load, so a bad
+        // value is named with its source instead of failing the first edit.
+        let energy = config.editor.nullspace_energy;
+        if !(0.0..1.0).contains(&energy) {
+            return Err(ConfigError::Invalid {
+                origin,
+                message: format!(
+                    "[editor] nullspace_energy must be at least 0 and below 1 (0.99 keeps \
+                     edits away from the directions holding 99 % of ordinary keys' \
+                     energy), not {energy}"
+                ),
+            });
+        }
         Ok(Self {
             config,
             sources,
@@ -395,6 +410,20 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         LoadedConfig::load_from(&path, &env)
+    }
+
+    #[test]
+    fn nullspace_energy_is_read_and_range_checked_at_load() {
+        let loaded = load(Some("[editor]\nnullspace_energy = 0.9\n"), &[]).unwrap();
+        assert_eq!(loaded.config.editor.nullspace_energy, 0.9);
+        for bad in ["1.0", "1.5", "-0.1"] {
+            let err = load(Some(&format!("[editor]\nnullspace_energy = {bad}\n")), &[])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"));
+            let text = err.to_string();
+            assert!(text.contains("nullspace_energy"), "{text}");
+            assert!(text.contains("config.toml"), "names the file: {text}");
+        }
     }
 
     #[test]

@@ -201,6 +201,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
     let defaults = EditorSettings {
         anchors: config.anchors,
         anchor_key_weight: config.anchor_key_weight,
+        nullspace_energy: config.nullspace_energy,
         ..EditorSettings::default()
     };
     let settings = EditorSettings {

@@ -239,8 +239,9 @@ pub struct EditorFlags {
     #[arg(long)]
     pub no_nullspace: bool,
     /// Share of ordinary keys' covariance energy the null-space projector
-    /// removes (default 0.99, as AlphaEdit): lower lets the edit act through
-    /// more directions, at some cost to unrelated answers.
+    /// removes (default: `[editor] nullspace_energy`, 0.99 as AlphaEdit):
+    /// lower lets the edit act through more directions, at some cost to
+    /// unrelated answers.
     #[arg(long)]
     pub nullspace_energy: Option<f64>,
     /// How anchor questions keep their answers (default: `[editor] anchors`
