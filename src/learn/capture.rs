@@ -112,102 +112,128 @@ pub fn capture_text(
             report.secrets_skipped.record(&secrets);
             continue;
         }
-        let candidate = match (extract::extract_sentence(sentence), llm.as_deref_mut()) {
-            (Ok(c), _) => c,
+        let candidates = match (extract::extract_sentence_all(sentence), llm.as_deref_mut()) {
+            (Ok(found), _) => found,
             (Err(extract::Skip::NoRule), Some(engine)) => {
                 match super::llm_extract::extract_sentence(engine, sentence)
                     .map_err(crate::editor::EditorError::from)?
                 {
-                    Some(c) => c,
+                    Some(c) => vec![c],
                     None => continue,
                 }
             }
             _ => continue,
         };
-        if !text.contains(&candidate.evidence) {
-            continue;
-        }
-        let source = source.clone();
-        let current: Vec<_> = profile
-            .preferences(None)?
-            .into_iter()
-            .filter(|p| {
-                matches!(
-                    p.status,
-                    PreferenceStatus::Active | PreferenceStatus::Pending
-                )
-            })
-            .collect();
-        let known: Vec<_> = current
-            .iter()
-            .filter(|p| same(&p.attribute, &candidate.attribute))
-            .collect();
-        if let Some(p) = known
-            .iter()
-            .find(|p| same(&p.target, &candidate.target) && p.polarity == candidate.polarity)
-        {
-            profile.add_source(p.id, &source)?;
-            report.reinforced.push(p.id);
-            continue;
-        }
-        // Likes and dislikes are filed under different attributes, so the
-        // opposite of a preference is looked for among all of them.
-        let contradiction = current.iter().find(|p| {
-            same(&p.target, &candidate.target)
-                && matches!(
-                    (p.polarity, candidate.polarity),
-                    (Polarity::Like, Polarity::Dislike) | (Polarity::Dislike, Polarity::Like)
-                )
-        });
-        let confident = candidate.confidence >= settings.auto_apply_threshold;
-        let status = if confident && contradiction.is_none() {
-            PreferenceStatus::Active
-        } else {
-            PreferenceStatus::Pending
-        };
-        let new = NewPreference {
-            attribute: candidate.attribute.clone(),
-            target: candidate.target.clone(),
-            polarity: candidate.polarity,
-            statement: candidate.evidence.clone(),
-            confidence: candidate.confidence,
-            status,
-            source,
-            cluster: cluster::build(
-                &candidate.attribute,
-                candidate.polarity,
-                settings.cluster_size,
-            ),
-        };
-        let replaced = known.iter().find(|p| {
-            SINGLE_VALUED.contains(&p.attribute.as_str())
-                && p.status == PreferenceStatus::Active
-                && !same(&p.target, &candidate.target)
-        });
-        let id = match (replaced, contradiction) {
-            (Some(old), None) if status == PreferenceStatus::Active => {
-                let id = profile.supersede(old.id, &new)?;
-                report.superseded.push((old.id, id));
-                id
-            }
-            _ => profile.add_preference(&new)?,
-        };
-        if let Some(other) = contradiction {
-            profile.audit(
-                "created",
-                &format!("preference {id}"),
-                &format!("contradicts preference {}; waiting for review", other.id),
+        for candidate in candidates {
+            capture_candidate(
+                profile,
+                source,
+                candidate,
+                text,
+                settings,
+                model_sha256,
+                report,
             )?;
         }
-        match status {
-            PreferenceStatus::Active => {
-                report.learned.push(id);
-                if let Some(sha) = model_sha256 {
-                    report.jobs.push(queue_edit(profile, id, sha)?);
-                }
-            }
-            _ => report.pending.push(id),
+    }
+    Ok(())
+}
+
+/// Files one candidate: reinforces the preference it repeats, supersedes
+/// the single-valued one it changes, waits for review when it contradicts
+/// one or is not confident enough, else becomes active and queues its edit.
+fn capture_candidate(
+    profile: &mut Profile,
+    source: &SourceRef,
+    candidate: extract::Candidate,
+    text: &str,
+    settings: &CaptureSettings,
+    model_sha256: Option<&str>,
+    report: &mut CaptureReport,
+) -> Result<(), LearnError> {
+    if !text.contains(&candidate.evidence) {
+        return Ok(());
+    }
+    let source = source.clone();
+    let current: Vec<_> = profile
+        .preferences(None)?
+        .into_iter()
+        .filter(|p| {
+            matches!(
+                p.status,
+                PreferenceStatus::Active | PreferenceStatus::Pending
+            )
+        })
+        .collect();
+    let known: Vec<_> = current
+        .iter()
+        .filter(|p| same(&p.attribute, &candidate.attribute))
+        .collect();
+    if let Some(p) = known
+        .iter()
+        .find(|p| same(&p.target, &candidate.target) && p.polarity == candidate.polarity)
+    {
+        profile.add_source(p.id, &source)?;
+        report.reinforced.push(p.id);
+        return Ok(());
+    }
+    // Likes and dislikes are filed under different attributes, so the
+    // opposite of a preference is looked for among all of them.
+    let contradiction = current.iter().find(|p| {
+        same(&p.target, &candidate.target)
+            && matches!(
+                (p.polarity, candidate.polarity),
+                (Polarity::Like, Polarity::Dislike) | (Polarity::Dislike, Polarity::Like)
+            )
+    });
+    let confident = candidate.confidence >= settings.auto_apply_threshold;
+    let status = if confident && contradiction.is_none() {
+        PreferenceStatus::Active
+    } else {
+        PreferenceStatus::Pending
+    };
+    let new = NewPreference {
+        attribute: candidate.attribute.clone(),
+        target: candidate.target.clone(),
+        polarity: candidate.polarity,
+        statement: candidate.evidence.clone(),
+        confidence: candidate.confidence,
+        status,
+        source,
+        cluster: cluster::build(
+            &candidate.attribute,
+            candidate.polarity,
+            settings.cluster_size,
+        ),
+    };
+    let replaced = known.iter().find(|p| {
+        SINGLE_VALUED.contains(&p.attribute.as_str())
+            && p.status == PreferenceStatus::Active
+            && !same(&p.target, &candidate.target)
+    });
+    let id = match (replaced, contradiction) {
+        (Some(old), None) if status == PreferenceStatus::Active => {
+            let id = profile.supersede(old.id, &new)?;
+            report.superseded.push((old.id, id));
+            id
         }
+        _ => profile.add_preference(&new)?,
+    };
+    if let Some(other) = contradiction {
+        profile.audit(
+            "created",
+            &format!("preference {id}"),
+            &format!("contradicts preference {}; waiting for review", other.id),
+        )?;
+    }
+    match status {
+        PreferenceStatus::Active => {
+            report.learned.push(id);
+            if let Some(sha) = model_sha256 {
+                report.jobs.push(queue_edit(profile, id, sha)?);
+            }
+        }
+        _ => report.pending.push(id),
     }
     Ok(())
 }

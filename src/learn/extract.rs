@@ -892,7 +892,7 @@ static NOT_A_TRAIT: LazyLock<Regex> = LazyLock::new(|| {
 /// Clauses and words after the target that are not part of it.
 static TRAILING: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)(?:,|;| -| –| —)?\s+(?:but|because|since|though|although|when|whenever|which|who|so that|and i|and it|and they|as well|too|so much|very much|more than anything|these days|nowadays|lately|right now|now|last (?:year|month|week)|this year|every (?:single )?(?:day|week|weekend|sunday|saturday|morning|afternoon|evening|night|month|year|summer|winter)|each (?:day|week|month)|daily|regularly|occasionally|on (?:the )?weekends|at the moment|in my (?:spare|free) time|(?:once|twice|\w+ times?) a (?:day|week|month|year)|\w+ days? a week|\w+ (?:years?|months?|weeks?) ago|to (?:relax|unwind|de-?stress|relieve stress|stay (?:fit|healthy|in shape)|keep fit|pay (?:for|the) )|for (?:a living|fun|years|a while)|for (?:a|\w+) (?:years?|months?|weeks?|decades?)|(?:a|\w+) times|due to|to (?:help )?(?:pay|make ends meet|supplement|earn)|in (?:high school|college)|at night|during the day|yesterday|today|last night|and (?:have|has|had|am|was|live|lives|work|works|go|goes)\b)\b.*$",
+        r"(?i)(?:,|;| -| –| —)?\s+(?:but|because|since|though|although|when|whenever|which|who|so that|and i|and it|and they|as well|too|so much|very much|more than anything|these days|nowadays|lately|right now|now|last (?:year|month|week)|this year|every (?:single )?(?:day|week|weekend|sunday|saturday|morning|afternoon|evening|night|month|year|summer|winter)|each (?:day|week|month)|daily|regularly|occasionally|on (?:the )?weekends|at the moment|in my (?:spare|free) time|(?:once|twice|\w+ times?) a (?:day|week|month|year)|\w+ days? a week|\w+ (?:years?|months?|weeks?) ago|to (?:relax|unwind|de-?stress|relieve stress|stay (?:fit|healthy|in shape)|keep fit|pay (?:for|the) )|for (?:a living|fun|years|a while)|for (?:a|\w+) (?:years?|months?|weeks?|decades?)|(?:a|\w+) times|due to|to (?:help )?(?:pay|make ends meet|supplement|earn)|in (?:high school|college)|at night|during the day|yesterday|today|last night|and (?:have|has|had|am|was|live|lives|work|works|go|goes)\b|(?:and|but) (?:he|she|we|they)\b|(?:and|but) (?:my|our|his|her|their) (?:\w+ )?(?:brother|sister|mom|mum|mother|dad|father|parents?|wife|husband|partner|boyfriend|girlfriend|friends?|son|daughter|kids?|children|family|boss|roommate)s?\b)\b.*$",
     )
 });
 
@@ -1051,7 +1051,60 @@ pub enum Skip {
     NoRule,
 }
 
-/// Extracts candidates from one sentence, or says why it has none.
+/// Every candidate of one sentence, or why it has none. A sentence can
+/// state several things: "My name is Larry and I am a chef", "I am from
+/// California but I live in Florida". The first candidate is the one
+/// `extract_sentence` gives; the others come from the sentence's "and" /
+/// "but" clauses, each read on its own with the rules' gates, and are kept
+/// when they name something the first one does not.
+pub fn extract_sentence_all(sentence: &str) -> Result<Vec<Candidate>, Skip> {
+    let first = extract_sentence(sentence)?;
+    let mut found = vec![first];
+    let body = LEADING_FILLER.replace(sentence.trim(), "");
+    let body = body.trim().trim_end_matches(['.', '!']).trim();
+    let body = APOSTROPHE_LOST
+        .replace_all(&body.replace('’', "'"), "${1}'${2}")
+        .into_owned();
+    for clause in CLAUSE_BREAK.split(&body).skip(1) {
+        let Some(own) = own_clause(clause) else {
+            continue;
+        };
+        let Some(c) = match_rules(&own, sentence.trim()) else {
+            continue;
+        };
+        let new_words = normalise(&c.target);
+        let already = found.iter().any(|f| {
+            let known = normalise(&f.target);
+            new_words.iter().all(|w| known.contains(w))
+        });
+        if !already {
+            found.push(c);
+        }
+    }
+    Ok(found)
+}
+
+/// Where a sentence's clauses meet: "…, and I…", "… but I…".
+static CLAUSE_BREAK: LazyLock<Regex> = LazyLock::new(|| re(r"(?i),?\s+(?:and|but)\s+"));
+
+/// A clause as a sentence of its own, its subject given back ("live in
+/// oklahoma" → "i live in oklahoma"); None when it is about someone else.
+fn own_clause(clause: &str) -> Option<String> {
+    let clause = clause.trim();
+    if OTHER_PERSON.is_match(clause) || HYPOTHETICAL.is_match(clause) {
+        return None;
+    }
+    let lower = clause.to_ascii_lowercase();
+    Some(
+        if lower.starts_with("i ") || lower.starts_with("i'") || lower.starts_with("my ") {
+            clause.to_string()
+        } else {
+            format!("i {clause}")
+        },
+    )
+}
+
+/// Extracts the main candidate of one sentence, or says why it has none.
 pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     let trimmed = sentence.trim();
     if trimmed.ends_with('?') {
@@ -1097,16 +1150,8 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     // oklahoma"). Only when the whole sentence matched nothing, so a rule
     // that reads "and" as part of its target keeps doing so.
     for clause in body.split(" and ").skip(1) {
-        let clause = clause.trim();
-        if OTHER_PERSON.is_match(clause) {
+        let Some(own) = own_clause(clause) else {
             continue;
-        }
-        let lower = clause.to_ascii_lowercase();
-        let own = if lower.starts_with("i ") || lower.starts_with("i'") || lower.starts_with("my ")
-        {
-            clause.to_string()
-        } else {
-            format!("i {clause}")
         };
         if let Some(c) = match_rules(&own, trimmed) {
             return Ok(c);
@@ -1280,7 +1325,8 @@ fn match_rules(body: &str, sentence: &str) -> Option<Candidate> {
 pub fn extract(message: &str) -> Vec<Candidate> {
     sentences(message)
         .into_iter()
-        .filter_map(|s| extract_sentence(s).ok())
+        .filter_map(|s| extract_sentence_all(s).ok())
+        .flatten()
         .filter(|c| message.contains(&c.evidence))
         .collect()
 }
@@ -1640,6 +1686,53 @@ mod tests {
         ] {
             assert!(extract_sentence(sentence).is_err(), "{sentence}");
         }
+    }
+
+    #[test]
+    fn a_sentence_can_state_several_preferences() {
+        let all = |s: &str| -> Vec<(String, String)> {
+            extract_sentence_all(s)
+                .unwrap_or_else(|skip| panic!("{s}: {skip:?}"))
+                .into_iter()
+                .map(|c| {
+                    assert_eq!(c.evidence, s, "the evidence is the whole sentence");
+                    (c.attribute, c.target)
+                })
+                .collect()
+        };
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, t)| (a.to_string(), t.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            all("Hey my name is Larry and I am a chef."),
+            pairs(&[("name", "Larry"), ("identity", "chef")])
+        );
+        assert_eq!(
+            all("I am originally from california but i live in florida."),
+            pairs(&[("hometown", "california"), ("location", "florida")])
+        );
+        assert_eq!(
+            all("I love dogs but hate cats."),
+            pairs(&[("likes", "dogs"), ("dislikes", "cats")])
+        );
+        // Clauses about someone else, or naming nothing, add nothing.
+        assert_eq!(
+            all("I love my job and my wife loves hers."),
+            pairs(&[("likes", "my job")])
+        );
+        assert_eq!(
+            all("I live in Porto and I love it."),
+            pairs(&[("location", "Porto")])
+        );
+        // A clause that repeats the first candidate is not a second one.
+        assert_eq!(all("I love cats and have two cats.").len(), 1);
+        // The message-level extractor returns every candidate.
+        assert_eq!(
+            extract("My name is Ana and I live in Lisbon. I hate olives.").len(),
+            3
+        );
     }
 
     #[test]
