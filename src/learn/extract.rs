@@ -879,7 +879,7 @@ static SUBJECTLESS: LazyLock<Regex> = LazyLock::new(|| {
 /// …that is a reaction to something said, not a preference.
 static SUBJECTLESS_REACTION: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)^(?:(?:really|absolutely|totally|just|also) )?(?:love|enjoy|adore|hate|dislike|can't stand)(?: to)? (?:it|that|this|when|how|what|you|your|the way|the idea|the new|hearing|seeing|hear|see|reading that|to hear|to see)\b",
+        r"(?i)^(?:(?:really|absolutely|totally|just|also) )?(?:love|enjoy|adore|hate|dislike|can't stand)(?: to)? (?:it|that|this|when|how|what|you|your|the way|the idea|the new|hearing|seeing|hear|see|reading that|say|admit|bother|interrupt|ask|help|be)\b",
     )
 });
 /// "I'm sorry", "I'm back", "I'm going": states of the moment, not traits.
@@ -1683,6 +1683,8 @@ mod tests {
             "I am expecting a package tomorrow.",
             "I don't work on weekends, so Saturday is fine.",
             "I do not drink or do drugs or anything.",
+            "Hate to say it, but the build is broken again.",
+            "Love to help with that.",
         ] {
             assert!(extract_sentence(sentence).is_err(), "{sentence}");
         }
