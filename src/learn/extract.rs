@@ -870,17 +870,15 @@ static LEADING_FILLER: LazyLock<Regex> = LazyLock::new(|| {
 /// transcriptions drop it), put back so the rules read the sentence.
 static APOSTROPHE_LOST: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?i)\b(don|doesn|didn|can|won|isn|wasn|i) (t|m|ve|ll|d)\b"));
+/// The verb a liking starts with when chat drops its subject.
+const LIKING_VERB: &str = r"(?i)^(?:(?:really|absolutely|totally|just|also) )?(?:love|enjoy|adore|hate|dislike|can't stand)";
 /// A liking stated without its subject ("Love hiking").
-static SUBJECTLESS: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)^(?:(?:really|absolutely|totally|just|also) )?(?:love|enjoy|adore|hate|dislike|can't stand)\s",
-    )
-});
+static SUBJECTLESS: LazyLock<Regex> = LazyLock::new(|| re(&format!(r"{LIKING_VERB}\s")));
 /// …that is a reaction to something said, not a preference.
 static SUBJECTLESS_REACTION: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)^(?:(?:really|absolutely|totally|just|also) )?(?:love|enjoy|adore|hate|dislike|can't stand)(?: to)? (?:it|that|this|when|how|what|you|your|the way|the idea|the new|hearing|seeing|hear|see|reading that|say|admit|bother|interrupt|ask|help|be)\b",
-    )
+    re(&format!(
+        r"{LIKING_VERB}(?: to)? (?:it|that|this|when|how|what|you|your|the way|the idea|the new|hearing|seeing|hear|see|reading that|say|admit|bother|interrupt|ask|help|be)\b"
+    ))
 });
 /// "I'm sorry", "I'm back", "I'm going": states of the moment, not traits.
 static NOT_A_TRAIT: LazyLock<Regex> = LazyLock::new(|| {
