@@ -356,6 +356,10 @@ fn eval_extract_reports_and_never_extracts_secrets() {
             .len()
             >= 5
     );
+    let several = report["several_candidates"].as_u64().unwrap();
+    let later = report["later_candidate_matches"].as_u64().unwrap();
+    assert!(later <= several, "{later} > {several}");
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| target |"));
+    assert!(md.contains("state more than one"));
 }

@@ -96,6 +96,11 @@ pub struct ExtractReport {
     /// the predictions came from it.
     pub llm: bool,
     pub llm_predictions: usize,
+    /// UPQA sentences whose rules give more than one candidate (capture
+    /// keeps them all; the scores above count only the first).
+    pub several_candidates: usize,
+    /// …of which a later candidate matches the gold target the first missed.
+    pub later_candidate_matches: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,7 +164,19 @@ pub fn run(
     let mut attribute = target.clone();
     let (mut target_f1_sum, mut attribute_f1_sum) = (0.0, 0.0);
     let (mut missed, mut wrong) = (Vec::new(), Vec::new());
+    let (mut several_candidates, mut later_candidate_matches) = (0, 0);
     for item in &items {
+        let all = extract::extract(&item.input_attribute);
+        if all.len() > 1 {
+            several_candidates += 1;
+            if match_f1(&all[0].target, &item.target) < MATCH_THRESHOLD
+                && all[1..]
+                    .iter()
+                    .any(|c| match_f1(&c.target, &item.target) >= MATCH_THRESHOLD)
+            {
+                later_candidate_matches += 1;
+            }
+        }
         let Some(c) = predict(&item.input_attribute, &mut skipped, &mut llm, &mut llm_used)? else {
             if missed.len() < 400 {
                 missed.push(Example {
@@ -255,6 +272,8 @@ pub fn run(
         wrong_examples: wrong,
         llm: llm.is_some(),
         llm_predictions: llm_used,
+        several_candidates,
+        later_candidate_matches,
     })
 }
 
@@ -277,6 +296,10 @@ impl ExtractReport {
         );
         md += &row("target", &self.target);
         md += &row("attribute", &self.attribute);
+        md += &format!(
+            "\nThe first candidate of each sentence is scored. {} sentences state more than one; in {} of them a later candidate matches the gold target the first one missed.\n",
+            self.several_candidates, self.later_candidate_matches
+        );
         md += &format!(
             "\nPrefEval explicit statements with a candidate: {} / {} ({:.1}%)\n\nNegatives: {} false positives of {} ({:.1}%)\n\n| category | false positives |\n|---|---|\n",
             self.prefeval_extracted,
