@@ -5,7 +5,7 @@
 #
 # It runs the standard evaluation set on the default model (UPQA: none,
 # prompt, rag and ftm sequential with k = 3; PrefEval: none, prompt,
-# prompt-turn and ftm at 0–10 distractor turns), draws the comparison charts
+# prompt-turn, rag and ftm at 0–10 distractor turns), draws the comparison charts
 # and the summary table with `imprint eval chart`, and replaces the block
 # between the `results:begin` and `results:end` markers in docs/RESULTS.md
 # with that table. Charts land in docs/charts/.
@@ -71,7 +71,7 @@ for method in none prompt rag ftm; do
   "$imprint" eval upqa --data "$upqa" --clusters "$clusters" --method "$method" \
     --every "$every" --limit "$items" "${extra[@]}" --out "$dir" >/dev/null
 done
-prefeval_methods=(none prompt prompt-turn ftm)
+prefeval_methods=(none prompt prompt-turn rag ftm)
 if [ "$upqa_only" = 1 ]; then prefeval_methods=(); fi
 for method in "${prefeval_methods[@]}"; do
   dir="$out/prefeval-$method"

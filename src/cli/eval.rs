@@ -149,6 +149,12 @@ pub struct UpqaArgs {
     /// so the explicit score measures a held-out question.
     #[arg(long)]
     hold_out_explicit: bool,
+    /// How the cluster's questions are worded for training: `first` turns
+    /// UPQA's "What's your favorite pastime?" into "What's my favorite
+    /// pastime?", as users ask and as imprint's own clusters are; `verbatim`
+    /// keeps the data's wording, as the paper did.
+    #[arg(long, value_enum, default_value_t = imprint::eval::upqa_data::ClusterPerson::First)]
+    cluster_person: imprint::eval::upqa_data::ClusterPerson,
     /// Skip the locality measurement (unrelated answers, general knowledge,
     /// perplexity) that sequential edit runs make at the end.
     #[arg(long)]
@@ -417,6 +423,7 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
             turns: args.turns,
         },
         hold_out_explicit: args.hold_out_explicit,
+        cluster_person: args.cluster_person,
         distractors: &distractors,
         locality_before: locality_before.as_ref(),
     };

@@ -51,16 +51,50 @@ pub fn corpus_prompts() -> Vec<String> {
     lines(CORPUS).map(str::to_string).collect()
 }
 
-/// Loose attribute match, so "favorite color" and "color" count as one.
+/// Loose attribute match, so "favorite color" and "color" count as one. A
+/// name may list aliases separated by `|` ("job|profession|work"): any
+/// pair that matches makes the two the same attribute.
 pub fn same_attribute(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.to_ascii_lowercase().replace(['_', '-'], " ");
-    let (a, b) = (norm(a), norm(b));
-    a == b || a.contains(&b) || b.contains(&a)
+    let norm = |s: &str| s.trim().to_ascii_lowercase().replace(['_', '-'], " ");
+    let names = |s: &str| {
+        s.split('|')
+            .map(norm)
+            .filter(|n| !n.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (names(a), names(b));
+    a.iter()
+        .any(|a| b.iter().any(|b| a == b || a.contains(b) || b.contains(a)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attribute_names_match_loosely_and_through_aliases() {
+        assert!(same_attribute("color", "favorite color"));
+        assert!(same_attribute("Music_Preference", "music"));
+        assert!(same_attribute("job|profession|work", "profession"));
+        assert!(same_attribute("career goal", "goal|ambition"));
+        assert!(!same_attribute("job|profession", "hobby"));
+        assert!(!same_attribute("pet", "food preference"));
+        // An empty alias ("a||b") must not match everything.
+        assert!(!same_attribute("pet||dog", "music"));
+    }
+
+    #[test]
+    fn every_personal_anchor_names_its_attribute() {
+        let anchors = personal_anchors();
+        assert!(anchors.len() >= 40, "{} personal anchors", anchors.len());
+        for a in &anchors {
+            assert_ne!(
+                a.attribute, "general",
+                "{:?} has no attribute tag",
+                a.question
+            );
+        }
+    }
 
     #[test]
     fn probes_never_overlap_training_anchors_or_corpus() {

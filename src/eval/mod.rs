@@ -7,6 +7,7 @@
 //!   turns.
 //! - [`extract`]: `imprint eval extract`, the preference extractors against
 //!   UPQA sentences, PrefEval statements and written negatives.
+//! - [`retrieval`]: the `rag` baseline's embedding store, shared by both.
 //! - [`charts`]: PNG charts of the reports (accuracy by question type,
 //!   acknowledgment vs turns).
 //! - [`locality`]: unrelated answers, general knowledge and perplexity,
@@ -16,6 +17,7 @@ pub mod charts;
 pub mod extract;
 pub mod locality;
 pub mod prefeval;
+pub mod retrieval;
 pub mod scoring;
 pub mod upqa;
 pub mod upqa_data;

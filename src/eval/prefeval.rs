@@ -15,6 +15,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::retrieval::Retrieval;
 use super::upqa::{distractor_pairs, distractor_turns, ACKNOWLEDGEMENT};
 use crate::editor::adapter::write_adapter;
 use crate::editor::{Edit, EditRequest, Editor, EditorError};
@@ -54,6 +55,9 @@ pub enum PrefMethod {
     /// The preference as the conversation's first user turn (PrefEval's
     /// setting), acknowledged by the assistant.
     PromptTurn,
+    /// Retrieval: the top-3 of all the items' preferences by embedding
+    /// similarity to the question, in the system prompt.
+    Rag,
     /// Every item's preference as an FT-M edit, all in one profile.
     Ftm,
 }
@@ -212,16 +216,33 @@ impl PrefEvalRun<'_> {
             let has = write_adapter(&refs, editor.architecture(), self.model_sha256, &adapter)?;
             engine.set_adapter(has.then_some(adapter.as_path()))?;
         }
+        // Retrieval looks at the question only (not the distractor turns),
+        // so each item's system prompt is the same at every turn count.
+        let retrieved: Option<Vec<String>> = if self.method == PrefMethod::Rag {
+            let store = Retrieval::new(
+                engine,
+                self.items.iter().map(|i| i.preference.clone()).collect(),
+            )?;
+            Some(
+                self.items
+                    .iter()
+                    .map(|item| store.system_prompt(engine, self.system_prompt, &item.question))
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        };
         let mut answers = Vec::new();
         let mut rates = Vec::new();
         for &turns in self.turns {
             let mut acknowledged = 0;
             for (i, item) in self.items.iter().enumerate() {
-                let system = match self.method {
-                    PrefMethod::Prompt => format!(
+                let system = match (self.method, &retrieved) {
+                    (PrefMethod::Prompt, _) => format!(
                         "{}\nWhat you know about the user: {}",
                         self.system_prompt, item.preference
                     ),
+                    (PrefMethod::Rag, Some(prompts)) => prompts[i].clone(),
                     _ => self.system_prompt.to_string(),
                 };
                 let mut messages = vec![ChatMessage::system(system)];

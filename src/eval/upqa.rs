@@ -11,8 +11,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::locality::{LocalityReport, Snapshot};
+use super::retrieval::Retrieval;
 use super::scoring::{contains_target, token_f1};
-use super::upqa_data::{ClusterItem, UpqaItem};
+use super::upqa_data::{first_person, ClusterItem, ClusterPerson, UpqaItem};
 use crate::editor::adapter::write_adapter;
 use crate::editor::{Edit, EditRequest, Editor, EditorError};
 use crate::engine::{ChatMessage, Engine, GenerationParams};
@@ -37,48 +38,6 @@ pub enum EvalMethod {
     Ftm,
     /// ROME weight edits.
     Rome,
-}
-
-/// Preferences retrieved per question.
-const RAG_TOP_K: usize = 3;
-
-/// The retrieval baseline's store: every stated preference of the run.
-struct Retrieval {
-    texts: Vec<String>,
-    embeddings: Vec<Vec<f32>>,
-}
-
-impl Retrieval {
-    fn new(engine: &Engine, texts: Vec<String>) -> Result<Self, EditorError> {
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let embeddings = engine.embed(&refs)?;
-        Ok(Self { texts, embeddings })
-    }
-
-    fn system_prompt(
-        &self,
-        engine: &Engine,
-        base: &str,
-        question: &str,
-    ) -> Result<String, EditorError> {
-        let q = engine.embed(&[question])?.remove(0);
-        let mut scored: Vec<(f32, usize)> = self
-            .embeddings
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.iter().zip(&q).map(|(a, b)| a * b).sum::<f32>(), i))
-            .collect();
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let known: Vec<String> = scored
-            .iter()
-            .take(RAG_TOP_K)
-            .map(|&(_, i)| format!("- {}", self.texts[i]))
-            .collect();
-        Ok(format!(
-            "{base}\nWhat you know about the user:\n{}",
-            known.join("\n")
-        ))
-    }
 }
 
 impl EvalMethod {
@@ -273,6 +232,8 @@ pub struct UpqaReport {
     /// The edits were trained without the explicit question (k > 1), so the
     /// explicit score measures generalization to a held-out question.
     pub explicit_held_out: bool,
+    /// How the cluster's questions were worded for training.
+    pub cluster_person: ClusterPerson,
     /// Sequential edits only: unrelated answers, general knowledge and
     /// perplexity, before and after all edits.
     pub locality: Option<LocalityReport>,
@@ -328,6 +289,9 @@ pub struct UpqaRun<'a> {
     /// Train on the k cluster questions before the explicit one, keeping the
     /// explicit question out of training.
     pub hold_out_explicit: bool,
+    /// Train on the cluster questions turned to the first person, or word
+    /// for word.
+    pub cluster_person: ClusterPerson,
     /// Distractor (user, assistant) pairs for `style.turns`.
     pub distractors: &'a [(String, String)],
     /// The base model's locality snapshot; sequential edit runs compare
@@ -356,7 +320,7 @@ fn questions_of(item: &UpqaItem) -> [(&'static str, &str); 4] {
 
 impl UpqaRun<'_> {
     fn training_questions(&self, index: usize) -> Vec<String> {
-        match (self.clusters, self.hold_out_explicit) {
+        let questions = match (self.clusters, self.hold_out_explicit) {
             (Some(c), true) => {
                 let mut q = c[index].questions(self.cluster_size + 1);
                 q.pop();
@@ -364,6 +328,10 @@ impl UpqaRun<'_> {
             }
             (Some(c), false) => c[index].questions(self.cluster_size),
             (None, _) => vec![self.items[index].question.clone()],
+        };
+        match self.cluster_person {
+            ClusterPerson::First => questions.iter().map(|q| first_person(q)).collect(),
+            ClusterPerson::Verbatim => questions,
         }
     }
 
@@ -609,6 +577,7 @@ impl UpqaRun<'_> {
             },
             style: self.style.clone(),
             explicit_held_out: self.hold_out_explicit && self.clusters.is_some(),
+            cluster_person: self.cluster_person,
             locality,
             items: n,
             scores,
@@ -678,6 +647,14 @@ pub fn markdown(report: &UpqaReport) -> String {
         notes.push(
             "the explicit question was held out of every edit's training questions".to_string(),
         );
+    }
+    if report.clusters.is_some() && report.method.edits() {
+        notes.push(match report.cluster_person {
+            ClusterPerson::First => {
+                "cluster questions turned to the first person (\"your\" → \"my\")".to_string()
+            }
+            ClusterPerson::Verbatim => "cluster questions word for word, as the paper".to_string(),
+        });
     }
     if report.style.raw {
         notes.push("raw prompts, no chat template".to_string());
