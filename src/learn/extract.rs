@@ -1058,11 +1058,7 @@ pub enum Skip {
 pub fn extract_sentence_all(sentence: &str) -> Result<Vec<Candidate>, Skip> {
     let first = extract_sentence(sentence)?;
     let mut found = vec![first];
-    let body = LEADING_FILLER.replace(sentence.trim(), "");
-    let body = body.trim().trim_end_matches(['.', '!']).trim();
-    let body = APOSTROPHE_LOST
-        .replace_all(&body.replace('’', "'"), "${1}'${2}")
-        .into_owned();
+    let body = restore_apostrophes(without_filler(sentence.trim()));
     for clause in CLAUSE_BREAK.split(&body).skip(1) {
         let Some(own) = own_clause(clause) else {
             continue;
@@ -1102,6 +1098,24 @@ fn own_clause(clause: &str) -> Option<String> {
     )
 }
 
+/// The sentence without its opening filler ("Well, ", "Honestly ") and
+/// closing punctuation.
+fn without_filler(trimmed: &str) -> &str {
+    let start = LEADING_FILLER
+        .find(trimmed)
+        .filter(|m| m.start() == 0)
+        .map_or(0, |m| m.end());
+    trimmed[start..].trim().trim_end_matches(['.', '!']).trim()
+}
+
+/// "I’m" with a typographic apostrophe, and "I m" / "don t" with a lost
+/// one, as "I'm" and "don't", so one set of rules reads them all.
+fn restore_apostrophes(body: &str) -> String {
+    APOSTROPHE_LOST
+        .replace_all(&body.replace('’', "'"), "${1}'${2}")
+        .into_owned()
+}
+
 /// Extracts the main candidate of one sentence, or says why it has none.
 pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     let trimmed = sentence.trim();
@@ -1111,8 +1125,7 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     if trimmed.starts_with(['"', '“', '\'', '>', '«']) {
         return Err(Skip::Quoted);
     }
-    let body = LEADING_FILLER.replace(trimmed, "");
-    let body = body.trim().trim_end_matches(['.', '!']).trim();
+    let body = without_filler(trimmed);
     // "Am I…" without a question mark is still a question; "When I have
     // time I paint" is a statement.
     let lower = body.to_ascii_lowercase();
@@ -1128,10 +1141,7 @@ pub fn extract_sentence(sentence: &str) -> Result<Candidate, Skip> {
     if OTHER_PERSON.is_match(body) {
         return Err(Skip::OtherPerson);
     }
-    // "I'm" written with a typographic apostrophe.
-    let body = APOSTROPHE_LOST
-        .replace_all(&body.replace('’', "'"), "${1}'${2}")
-        .into_owned();
+    let body = restore_apostrophes(body);
     // Chat drops the subject: "Love to read drama books" is "I love to
     // read drama books". Not "Love it" or "Hate when that happens", which
     // name nothing.
