@@ -458,3 +458,51 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
         }
     }
 }
+
+#[test]
+fn anchor_keys_rank_the_anchor_that_asks_what_the_request_asks_first() {
+    use imprint::editor::ftm::{AnchorKeys, TrainSequence};
+    use imprint::editor::model::LlamaModel;
+    use imprint::engine::ChatMessage;
+
+    let engine = common::engine();
+    let model = LlamaModel::load(&common::model_path()).unwrap();
+    let sequence = |q: &str, is_target: bool| -> TrainSequence {
+        let text = engine
+            .render(&[ChatMessage::system(SYSTEM), ChatMessage::user(q)])
+            .unwrap();
+        let tokens: Vec<u32> = engine.tokenize(&text).iter().map(|t| t.0 as u32).collect();
+        TrainSequence {
+            answer_start: tokens.len(),
+            tokens,
+            is_target,
+            exact: false,
+        }
+    };
+    let questions = [
+        "What is the capital of Italy?",
+        "What's my job?",
+        "What pet do I have?",
+        "Which sport do I play?",
+        "How many days are in a week?",
+    ];
+    let anchors: Vec<TrainSequence> = questions.iter().map(|q| sequence(q, false)).collect();
+    let layer = (model.config.n_layer * 2).div_ceil(3);
+    let keys = AnchorKeys::collect(&model, &anchors, layer)
+        .unwrap()
+        .expect("anchors have keys");
+    for (i, q) in questions.iter().enumerate() {
+        let ranked = keys.ranked(&model, &[sequence(q, true)], layer).unwrap();
+        let mut sorted = ranked.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..questions.len()).collect::<Vec<_>>(),
+            "not a ranking"
+        );
+        assert_eq!(
+            ranked[0], i,
+            "{q:?} did not rank its own anchor first: {ranked:?}"
+        );
+    }
+}

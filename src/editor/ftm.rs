@@ -80,6 +80,10 @@ pub struct AnchorKeys {
     /// ‖W·K₀‖²_F with the layer's own down-projection, so the term is a
     /// relative change and one weight fits every layer and model.
     pub base_energy: f32,
+    /// The anchor (index into the collected list) each row of `keys` is from.
+    pub owners: Vec<usize>,
+    /// Leading tokens all anchors share, whose keys are not kept.
+    pub shared_len: usize,
 }
 
 impl AnchorKeys {
@@ -89,10 +93,23 @@ impl AnchorKeys {
         anchors: &[TrainSequence],
         layer: usize,
     ) -> Result<Option<Self>, EditorError> {
+        Self::collect_after(model, anchors, layer, usize::MAX)
+    }
+
+    /// [`collect`](Self::collect), keeping the keys of every position past
+    /// the first `shared_limit` tokens even where all of `anchors` agree
+    /// further (a single sequence "shares" all of itself).
+    fn collect_after(
+        model: &LlamaModel,
+        anchors: &[TrainSequence],
+        layer: usize,
+        shared_limit: usize,
+    ) -> Result<Option<Self>, EditorError> {
         if anchors.is_empty() {
             return Ok(None);
         }
-        let batch = Batch::new(anchors.iter().map(|s| s.tokens.clone()).collect());
+        let mut batch = Batch::new(anchors.iter().map(|s| s.tokens.clone()).collect());
+        batch.shared_limit = shared_limit;
         let prefix = model.prefix(&batch, layer)?;
         let (width, shared) = (prefix.width, prefix.shared_len);
         let rows: Vec<u32> = anchors
@@ -122,10 +139,77 @@ impl AnchorKeys {
             .sqr()?
             .sum_all()?
             .to_scalar::<f32>()?;
+        let owners = anchors
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (shared..s.tokens.len()).map(move |_| i))
+            .collect();
         Ok(Some(Self {
             keys,
             base_energy: base_energy.max(f32::MIN_POSITIVE),
+            owners,
+            shared_len: shared,
         }))
+    }
+
+    /// Every anchor (index), nearest to `request`'s keys first, by cosine
+    /// between mean keys, both centred on the anchors' overall mean (keys
+    /// share a large common component that would make every anchor look
+    /// alike). The nearest are the anchors an edit for `request` is most
+    /// likely to move, and the ones worth keeping when only a few can be.
+    pub fn ranked(
+        &self,
+        model: &LlamaModel,
+        request: &[TrainSequence],
+        layer: usize,
+    ) -> Result<Vec<usize>, EditorError> {
+        let n_anchors = self.owners.iter().max().map_or(0, |m| m + 1);
+        let Some(own) = Self::collect_after(model, request, layer, self.shared_len)? else {
+            return Ok((0..n_anchors).collect());
+        };
+        let rows: Vec<Vec<f32>> = self.keys.to_vec2()?;
+        let width = rows.first().map_or(0, Vec::len);
+        let mean_of = |rows: &mut dyn Iterator<Item = &Vec<f32>>| {
+            let mut sum = vec![0f64; width];
+            let mut count = 0usize;
+            for r in rows {
+                for (s, v) in sum.iter_mut().zip(r) {
+                    *s += f64::from(*v);
+                }
+                count += 1;
+            }
+            sum.iter()
+                .map(|s| s / count.max(1) as f64)
+                .collect::<Vec<f64>>()
+        };
+        let centre = mean_of(&mut rows.iter());
+        let centred = |v: Vec<f64>| {
+            v.iter()
+                .zip(&centre)
+                .map(|(a, c)| a - c)
+                .collect::<Vec<_>>()
+        };
+        let own_rows: Vec<Vec<f32>> = own.keys.to_vec2()?;
+        let target = centred(mean_of(&mut own_rows.iter()));
+        let cosine = |a: &[f64], b: &[f64]| {
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            dot / (norm(a) * norm(b)).max(f64::MIN_POSITIVE)
+        };
+        let mut scored: Vec<(f64, usize)> = (0..n_anchors)
+            .map(|i| {
+                let mine = mean_of(
+                    &mut rows
+                        .iter()
+                        .zip(&self.owners)
+                        .filter(|(_, &o)| o == i)
+                        .map(|(r, _)| r),
+                );
+                (cosine(&centred(mine), &target), i)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        Ok(scored.into_iter().map(|(_, i)| i).collect())
     }
 }
 

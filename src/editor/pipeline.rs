@@ -141,6 +141,12 @@ fn process_alive(pid: i32) -> bool {
 /// edit's cost however large the profile grows.
 pub const PROFILE_ANCHORS: usize = 150;
 
+/// Shipped anchors (general and personal questions) the retry keeps by
+/// cross-entropy: the ones nearest the request's keys. About as many as the
+/// shipped set held before it grew to every attribute (session 11), so a
+/// retry costs what it did.
+pub const RETRY_ANCHORS: usize = 12;
+
 /// How anchors keep their answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -917,9 +923,30 @@ impl Editor {
                 // anchors' answers are kept through the whole model, which
                 // only constrains what they end up answering. Slower, and
                 // only for the edits that need it.
+                // Every shipped anchor through the whole model at every step
+                // would cost minutes with the full personal set, so the
+                // retry keeps the ones nearest the request's keys (the ones
+                // it is likeliest to move) and every profile anchor.
+                let targets: Vec<TrainSequence> =
+                    sequences.iter().filter(|s| s.is_target).cloned().collect();
+                let nearest: Vec<usize> = match &anchor_keys {
+                    Some(keys) => keys
+                        .ranked(&self.model, &targets, layer)?
+                        .into_iter()
+                        .filter(|&i| i < shipped_anchors)
+                        .take(RETRY_ANCHORS)
+                        .collect(),
+                    None => Vec::new(),
+                };
                 anchor_keys = None;
                 sequences.retain(|s| s.is_target);
-                sequences.extend(anchors.iter().cloned());
+                sequences.extend(
+                    anchors
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i >= shipped_anchors || nearest.contains(i))
+                        .map(|(_, a)| a.clone()),
+                );
                 ftm_settings.anchor_weight = self.settings.anchor_weight;
                 // An edit that did not learn its own questions ran out of
                 // steps (every refusal of that kind in the session-7 runs
