@@ -150,6 +150,19 @@ fn held_out_explicit_trains_on_the_cluster_questions_before_it() {
         "{trained:?} holds {explicit:?}"
     );
     assert!(report["locality"].is_null());
+    // UPQA's cluster questions ask "What's your …"; the edit trains on them
+    // as the user would ask them, about themself.
+    assert_eq!(report["cluster_person"], "first");
+    for q in &trained {
+        let words: Vec<String> = q
+            .split(|c: char| !c.is_alphanumeric())
+            .map(str::to_lowercase)
+            .collect();
+        assert!(
+            !words.iter().any(|w| w == "you" || w == "your"),
+            "{q:?} still asks the listener"
+        );
+    }
 }
 
 #[test]
@@ -239,6 +252,34 @@ fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
     assert_eq!(status.status.code(), Some(1));
     let err = String::from_utf8_lossy(&status.stderr);
     assert!(err.contains("second-run/report.json"), "{err}");
+}
+
+#[test]
+fn prefeval_rag_retrieves_the_stated_preferences() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("report");
+    let data = upqa_dir().join("../prefeval/prefeval_pro_balanced.json");
+    let status = imprint()
+        .env("IMPRINT_HOME", home.path())
+        .args(["eval", "prefeval", "--method", "rag", "--model"])
+        .arg(common::model_path())
+        .arg("--data")
+        .arg(&data)
+        .args(["--limit", "2", "--turns", "0", "--max-tokens", "8"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["method"], "rag");
+    assert_eq!(report["rates"][0]["total"], 2);
+    assert_eq!(report["answers"].as_array().unwrap().len(), 2);
 }
 
 /// A PNG file of plausible size (the chart tests in `eval::charts` check
