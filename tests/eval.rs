@@ -107,6 +107,12 @@ fn ftm_sequential_smoke_run_on_five_items() {
     );
     let accepted = report["edits_accepted"].as_u64().unwrap();
     assert!(accepted <= 5);
+    // The cost of a run: the process's peak memory, in MB (read from
+    // /proc on Linux; absent elsewhere).
+    if cfg!(target_os = "linux") {
+        let rss = report["peak_rss_mb"].as_f64().unwrap();
+        assert!(rss > 50.0 && rss < 24_000.0, "peak RSS {rss} MB");
+    }
     for r in report["results"].as_array().unwrap() {
         assert!(r["edit_seconds"].as_f64().unwrap() > 0.0);
         assert_eq!(r["training_questions"].as_array().unwrap().len(), 1);

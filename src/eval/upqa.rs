@@ -245,6 +245,9 @@ pub struct UpqaReport {
     pub edits_accepted: Option<usize>,
     pub edit_seconds_median: Option<f64>,
     pub edit_seconds_p95: Option<f64>,
+    /// The whole process's peak resident set (engine, editor and caches)
+    /// when the run ended, in MB (Linux; None elsewhere).
+    pub peak_rss_mb: Option<f64>,
     /// Edit methods: the editor's settings (layer, rank, steps, anchors…),
     /// so a run can be repeated and compared.
     pub editor: Option<serde_json::Value>,
@@ -589,6 +592,7 @@ impl UpqaRun<'_> {
             }),
             edit_seconds_median: percentile(&edit_times, 0.5),
             edit_seconds_p95: percentile(&edit_times, 0.95),
+            peak_rss_mb: crate::bench::peak_rss_bytes().map(|b| b as f64 / 1e6),
             editor: None,
             results,
         })
@@ -678,6 +682,13 @@ pub fn markdown(report: &UpqaReport) -> String {
             report.items,
             report.edit_seconds_median.unwrap_or(f64::NAN),
             report.edit_seconds_p95.unwrap_or(f64::NAN)
+        ));
+    }
+    if let Some(mb) = report.peak_rss_mb {
+        out.push_str(&format!(
+            "
+Peak memory of the whole run (RSS): {mb:.0} MB.
+"
         ));
     }
     out
