@@ -186,18 +186,19 @@ fn multi_turn_prompt_in_first_turn_with_the_papers_budget() {
         .contains("paper"));
 }
 
-#[test]
-fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
-    let home = tempfile::tempdir().unwrap();
-    let out = home.path().join("report");
+/// Runs `imprint eval prefeval` on the first two items into `home/report`
+/// and returns its report.json.
+fn prefeval(home: &std::path::Path, method: &str, extra: &[&str]) -> serde_json::Value {
+    let out = home.join("report");
     let data = upqa_dir().join("../prefeval/prefeval_pro_balanced.json");
     let status = imprint()
-        .env("IMPRINT_HOME", home.path())
-        .args(["eval", "prefeval", "--method", "prompt-turn", "--model"])
+        .env("IMPRINT_HOME", home)
+        .args(["eval", "prefeval", "--method", method, "--model"])
         .arg(common::model_path())
         .arg("--data")
         .arg(&data)
-        .args(["--limit", "2", "--turns", "0,2", "--max-tokens", "16"])
+        .args(["--limit", "2"])
+        .args(extra)
         .arg("--out")
         .arg(&out)
         .output()
@@ -207,8 +208,18 @@ fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("report");
+    let report = prefeval(
+        home.path(),
+        "prompt-turn",
+        &["--turns", "0,2", "--max-tokens", "16"],
+    );
     let rates = report["rates"].as_array().unwrap();
     let turns: Vec<u64> = rates.iter().map(|r| r["turns"].as_u64().unwrap()).collect();
     assert_eq!(turns, [0, 2]);
@@ -263,26 +274,7 @@ fn prefeval_smoke_run_reports_a_rate_per_turn_count() {
 #[test]
 fn prefeval_rag_retrieves_the_stated_preferences() {
     let home = tempfile::tempdir().unwrap();
-    let out = home.path().join("report");
-    let data = upqa_dir().join("../prefeval/prefeval_pro_balanced.json");
-    let status = imprint()
-        .env("IMPRINT_HOME", home.path())
-        .args(["eval", "prefeval", "--method", "rag", "--model"])
-        .arg(common::model_path())
-        .arg("--data")
-        .arg(&data)
-        .args(["--limit", "2", "--turns", "0", "--max-tokens", "8"])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = prefeval(home.path(), "rag", &["--turns", "0", "--max-tokens", "8"]);
     assert_eq!(report["method"], "rag");
     assert_eq!(report["rates"][0]["total"], 2);
     assert_eq!(report["answers"].as_array().unwrap().len(), 2);
