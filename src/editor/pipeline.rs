@@ -932,8 +932,6 @@ impl Editor {
                 let targets: Vec<TrainSequence> =
                     sequences.iter().filter(|s| s.is_target).cloned().collect();
                 let nearest: Vec<usize> = match &anchor_keys {
-                    // Every shipped anchor fits: no ranking needed.
-                    _ if shipped_anchors <= RETRY_ANCHORS => (0..shipped_anchors).collect(),
                     Some(keys) => keys
                         .ranked(&self.model, &targets, layer)?
                         .into_iter()
