@@ -147,7 +147,8 @@ pub const PROFILE_ANCHORS: usize = 150;
 /// then a location edit ("I live in Porto") either answered "Where do I
 /// want to travel next?" with "Porto" or missed one of its own questions,
 /// and the gate refused it; with every anchor it passes (227 s on 2 cores).
-pub const RETRY_ANCHORS: usize = usize::MAX;
+/// `None` keeps them all, without ranking them.
+pub const RETRY_ANCHORS: Option<usize> = None;
 
 /// How anchors keep their answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -925,20 +926,20 @@ impl Editor {
                 // anchors' answers are kept through the whole model, which
                 // only constrains what they end up answering. Slower, and
                 // only for the edits that need it.
-                // Every shipped anchor through the whole model at every step
-                // would cost minutes with the full personal set, so the
-                // retry keeps the ones nearest the request's keys (the ones
-                // it is likeliest to move) and every profile anchor.
-                let targets: Vec<TrainSequence> =
-                    sequences.iter().filter(|s| s.is_target).cloned().collect();
-                let nearest: Vec<usize> = match &anchor_keys {
-                    Some(keys) => keys
-                        .ranked(&self.model, &targets, layer)?
-                        .into_iter()
-                        .filter(|&i| i < shipped_anchors)
-                        .take(RETRY_ANCHORS)
-                        .collect(),
-                    None => Vec::new(),
+                // With a cap (RETRY_ANCHORS), the shipped anchors nearest
+                // the request's keys, the ones it is likeliest to move;
+                // every profile anchor either way.
+                let nearest: Vec<usize> = match (RETRY_ANCHORS, &anchor_keys) {
+                    (Some(cap), Some(keys)) => {
+                        let targets: Vec<TrainSequence> =
+                            sequences.iter().filter(|s| s.is_target).cloned().collect();
+                        keys.ranked(&self.model, &targets, layer)?
+                            .into_iter()
+                            .filter(|&i| i < shipped_anchors)
+                            .take(cap)
+                            .collect()
+                    }
+                    _ => (0..shipped_anchors).collect(),
                 };
                 anchor_keys = None;
                 sequences.retain(|s| s.is_target);
