@@ -300,11 +300,16 @@ fn rome_writes_a_rank_one_early_layer_edit_that_raises_the_target() {
     let mut engine = common::engine();
     let mut editor = editor();
     editor.settings.method = Method::Rome;
-    editor.settings.rome.learning_rate = 1.0;
+    // Three subject tokens ("hobby", "pastime", "days"): one rank-one key
+    // serves all three only if δ is trained through the edit as written.
     let req = request(
         "hobby",
         "Dancing at clubs",
-        &["What's my hobby?", "What's my favorite pastime?"],
+        &[
+            "What's my hobby?",
+            "What's my favorite pastime?",
+            "What's my main interest these days?",
+        ],
     );
     let before = target_logprob(&mut engine, "What's my hobby?", &req.target);
     let outcome = editor.compute(&mut engine, &req, &[], |_| {}).unwrap();
@@ -324,6 +329,11 @@ fn rome_writes_a_rank_one_early_layer_edit_that_raises_the_target() {
     assert_eq!(
         edit.factors[0].tensor,
         format!("blk.{}.ffn_down.weight", edit.layer)
+    );
+    assert_eq!(
+        edit.metrics.efficacy_hits, edit.metrics.efficacy_total,
+        "through llama.cpp every question must answer with the target: {:?}",
+        edit.metrics.answers
     );
 
     let dir = tempfile::tempdir().unwrap();

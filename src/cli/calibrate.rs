@@ -16,7 +16,7 @@ pub struct CalibrateArgs {
     /// Layers to try (default: the method's default layer and ±4).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<usize>,
-    /// Learning rates to try (default: 0.02,0.05 for ftm; 0.5,1.0 for rome).
+    /// Learning rates to try (default: 0.02,0.05 for ftm; 1.0,2.0 for rome).
     #[arg(long, value_delimiter = ',')]
     lrs: Vec<f64>,
     /// Calibration preferences to edit per setting (at most 6).
@@ -54,7 +54,7 @@ pub fn run(app: &App, args: CalibrateArgs) -> Result<ExitCode> {
     let lrs = match (args.lrs.is_empty(), args.method) {
         (false, _) => args.lrs.clone(),
         (true, Method::Ftm) => vec![0.02, 0.05],
-        (true, Method::Rome) => vec![0.5, 1.0],
+        (true, Method::Rome) => vec![1.0, 2.0],
     };
     let candidates: Vec<Candidate> = layers
         .iter()
