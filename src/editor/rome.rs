@@ -7,13 +7,15 @@
 //! 1. takes k* as the mean key at the subject's last token over the
 //!    request's questions (each question is a different context, which is
 //!    what ROME's random prefixes are for);
-//! 2. optimizes a residual change δ at those positions so that the answer
-//!    becomes the target, with a KL term that keeps what the model says about
-//!    the subject itself (the "essence" prompt) and a norm clamp;
-//! 3. writes δ into the weights with the closed form
-//!    ΔW = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*), where C is the covariance of ordinary
-//!    keys at that layer: the change that maps k* to δ while disturbing
-//!    ordinary keys least.
+//! 2. writes the edit in the closed form ΔW = δ aᵀ, a = C⁻¹k* / (k*ᵀ C⁻¹ k*),
+//!    where C is the covariance of ordinary keys at that layer: the change
+//!    that maps k* to δ while disturbing ordinary keys least;
+//! 3. optimizes δ so that the answer becomes the target, with a KL term that
+//!    keeps what the model says about the subject itself (the "essence"
+//!    prompt), a weight decay and a norm clamp. Unlike ROME's own code, δ is
+//!    trained through ΔW itself: at every position the residual gets
+//!    (aᵀk) δ, the amount the written edit adds there, not δ at the subject
+//!    only (see `compute`).
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
