@@ -230,13 +230,9 @@ pub fn compute(
         // As FT-M: done once every target token is the greedy choice and
         // the loss is low enough to keep it so through llama.cpp's rounding.
         let argmax: Vec<u32> = answer_lp.argmax(D::Minus1)?.to_vec1()?;
-        tracing::debug!(
-            step,
-            loss = final_loss,
-            greedy = argmax == labels,
-            "rome δ step"
-        );
-        if final_loss < settings.stop_loss && argmax == labels {
+        let greedy = argmax == labels;
+        tracing::debug!(step, loss = final_loss, greedy, "rome δ step");
+        if final_loss < settings.stop_loss && greedy {
             break;
         }
         let essence_lp = log_probs.narrow(0, n_rows, 1)?;
