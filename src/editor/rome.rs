@@ -257,7 +257,6 @@ pub fn compute(
         steps = step + 1;
     }
 
-    let a = a.t()?;
     Ok(RomeResult {
         a: a.flatten_all()?.to_vec1()?,
         b: delta.as_tensor().flatten_all()?.to_vec1()?,
