@@ -350,6 +350,59 @@ fn rome_writes_a_rank_one_early_layer_edit_that_raises_the_target() {
     );
 }
 
+/// Two ROME edits whose subjects are the same token (" weekends"): the
+/// second, computed on top of the first, keeps the first edit's keys from
+/// firing, so both hold. With `preserve_weight` 0 the second answered the
+/// first's questions with its own target ("What do I do on weekends? →
+/// Pancakes") and the gate refused it (docs/RESULTS.md, ROME).
+#[test]
+fn rome_edits_on_one_subject_token_keep_each_other() {
+    use imprint::editor::Method;
+    let mut engine = common::engine();
+    let mut editor = editor();
+    editor.settings.method = Method::Rome;
+    let activity = request(
+        "weekend activity",
+        "Dancing at clubs",
+        &["What do I do on weekends?", "How do I spend my weekends?"],
+    );
+    let breakfast = request(
+        "weekend breakfast",
+        "Pancakes",
+        &[
+            "What do I eat on weekends?",
+            "What is my breakfast on weekends?",
+        ],
+    );
+    let first = editor.compute(&mut engine, &activity, &[], |_| {}).unwrap();
+    assert!(first.accepted, "{:?}", first.reason);
+    let mut e1 = first.edit.clone();
+    e1.active = true;
+    let second = editor
+        .compute(&mut engine, &breakfast, std::slice::from_ref(&e1), |_| {})
+        .unwrap();
+    eprintln!(
+        "second: accepted {} ({:?}), answers {:?}, broken earlier questions {}",
+        second.accepted,
+        second.reason,
+        second.edit.metrics.answers,
+        second.edit.metrics.broken_edits
+    );
+    assert!(second.accepted, "{:?}", second.reason);
+    let mut e2 = second.edit.clone();
+    e2.active = true;
+    let dir = tempfile::tempdir().unwrap();
+    let both = dir.path().join("both.gguf");
+    write_adapter(&[&e1, &e2], "llama", "x", &both).unwrap();
+    engine.set_adapter(Some(&both)).unwrap();
+    for req in [&activity, &breakfast] {
+        for q in &req.questions {
+            let a = answer(&mut engine, SYSTEM, q, 16).unwrap();
+            assert!(contains_target(&a, &req.target), "{q} → {a}");
+        }
+    }
+}
+
 /// Earlier preferences' questions (`exact` anchors) start out watched, not
 /// trained: training may only stop once every one of their answer tokens is
 /// still the argmax, checked here independently with the edit applied.

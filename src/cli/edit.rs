@@ -209,10 +209,10 @@ pub struct EditorFlags {
     /// choice for this model, else about 2/3 of the depth for ftm, 1/6 for rome).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// Maximum optimisation steps (default 40 for ftm, 25 for rome).
+    /// Maximum optimisation steps (default 40 for ftm, 30 for rome).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Adam learning rate (default 0.05 for ftm, 0.5 for rome's δ).
+    /// Adam learning rate (default 0.05 for ftm, 1.0 for rome's δ).
     #[arg(long)]
     pub lr: Option<f64>,
     /// FT-M: let the learning rate fall along a cosine to this share of
@@ -252,6 +252,11 @@ pub struct EditorFlags {
     /// side), `both`, or `off`.
     #[arg(long)]
     pub anchors: Option<AnchorMode>,
+    /// ROME: how strongly the keys of earlier edits at the same layer are
+    /// kept from firing, added to the key covariance as MEMIT adds the keys
+    /// it must keep (default 1; 0 lets a new edit overwrite earlier ones).
+    #[arg(long)]
+    pub preserve_weight: Option<f64>,
     /// Weight of the key-preservation term of `--anchors keys` (default:
     /// `[editor] anchor_key_weight`, 100).
     #[arg(long)]
@@ -271,6 +276,9 @@ impl EditorFlags {
             rome: imprint::editor::rome::RomeSettings {
                 steps: self.steps.unwrap_or(defaults.rome.steps),
                 learning_rate: self.lr.unwrap_or(defaults.rome.learning_rate),
+                preserve_weight: self
+                    .preserve_weight
+                    .unwrap_or(defaults.rome.preserve_weight),
                 ..defaults.rome.clone()
             },
             anchor_weight: self.anchor_weight.unwrap_or(defaults.anchor_weight),

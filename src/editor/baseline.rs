@@ -43,7 +43,6 @@ pub fn seconds_per_step(
     let n_rows = rows.len();
     let rows = Tensor::from_vec(rows, n_rows, &device)?;
     let labels = Tensor::from_vec(labels, (n_rows, 1), &device)?;
-    let output_t = model.output().t()?.contiguous()?;
 
     let small = |n: usize| Tensor::randn(0f32, 0.02, n, &device);
     let mut vars = Vec::new();
@@ -75,7 +74,7 @@ pub fn seconds_per_step(
             })
             .collect();
         let hidden = model.hidden_with_qv_lora(&batch, &loras, &rows)?;
-        let log_probs = candle_nn::ops::log_softmax(&hidden.matmul(&output_t)?, D::Minus1)?;
+        let log_probs = candle_nn::ops::log_softmax(&model.vocab_logits(&hidden)?, D::Minus1)?;
         let loss = log_probs.gather(&labels, 1)?.mean_all()?.neg()?;
         let grads = loss.backward()?;
         for (layer_vars, layer_opts) in vars.iter().zip(optimizers.iter_mut()) {

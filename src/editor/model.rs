@@ -774,6 +774,14 @@ impl LlamaModel {
         Ok(self.output.index_select(ids, 0)?)
     }
 
+    /// Logits over the whole vocabulary for rows of final hidden states
+    /// (`[rows, n_embd]`, already normed), differentiable in `hidden` only:
+    /// a plain matmul's backward would also compute the
+    /// `[n_embd, n_vocab]` gradient of the output projection at every step.
+    pub fn vocab_logits(&self, hidden: &Tensor) -> Result<Tensor, EditorError> {
+        Ok(Self::linear(hidden, &self.output)?)
+    }
+
     /// The full output projection (`[n_vocab, n_embd]`).
     pub fn output(&self) -> &Tensor {
         &self.output

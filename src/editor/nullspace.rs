@@ -254,10 +254,20 @@ pub fn exclude_keys(
     if sequences.is_empty() {
         return Ok((base, 0));
     }
+    exclude_key_rows(&base, &sequence_keys(model, sequences, layer)?)
+}
+
+/// Every key `sequences` produce at `layer`, one row per position (the
+/// shared prefix's once): `[positions, n_ff]`.
+pub fn sequence_keys(
+    model: &LlamaModel,
+    sequences: &[Vec<u32>],
+    layer: usize,
+) -> Result<Tensor, EditorError> {
     let (shared, own) = chunk_keys(model, sequences, layer)?;
     let mut rows = vec![shared];
     rows.extend(own);
-    exclude_key_rows(&base, &Tensor::cat(&rows, 0)?)
+    Ok(Tensor::cat(&rows, 0)?.contiguous()?)
 }
 
 /// Narrows `base` (a projector, `[n_ff, n_ff]`) so that it also removes the

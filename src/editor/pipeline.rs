@@ -464,6 +464,49 @@ impl Editor {
         Ok((anchors, shipped))
     }
 
+    /// ROME's preserved keys: layer `layer`'s keys at every position of the
+    /// questions (with their targets) of the most recent active edits at
+    /// that layer about other attributes, up to [`PROFILE_ANCHORS`]
+    /// questions. None when there are none or preservation is off.
+    fn preserved_keys(
+        &self,
+        engine: &Engine,
+        request: &EditRequest,
+        active: &[Edit],
+        layer: usize,
+        target_tokens: &[u32],
+    ) -> Result<Option<Tensor>, EditorError> {
+        if self.settings.rome.preserve_weight <= 0.0 {
+            return Ok(None);
+        }
+        let eot = *target_tokens.last().unwrap_or(&0);
+        let mut sequences = Vec::new();
+        for other in active.iter().rev().filter(|e| {
+            e.layer == layer && !same_attribute(&e.request.attribute, &request.attribute)
+        }) {
+            if sequences.len() + other.request.asked().count() > PROFILE_ANCHORS {
+                break;
+            }
+            let mut answer: Vec<u32> = engine
+                .tokenize_plain(other.request.target.trim())
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
+            answer.push(eot);
+            for q in other.request.asked() {
+                sequences.push(self.sequence(engine, q, &answer, false)?.tokens);
+            }
+        }
+        if sequences.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(nullspace::sequence_keys(
+            &self.model,
+            &sequences,
+            layer,
+        )?))
+    }
+
     /// Times the paper's LoRA baseline (rank 8 on q/v of every layer) on
     /// `request`'s questions for `steps` steps: seconds per step.
     pub fn time_lora_baseline(
@@ -676,7 +719,8 @@ impl Editor {
                     exact: false,
                 },
             };
-            Some((subjects, essence, c_inv))
+            let preserved = self.preserved_keys(engine, request, active, layer, &target_tokens)?;
+            Some((subjects, essence, c_inv, preserved))
         } else {
             None
         };
@@ -753,8 +797,15 @@ impl Editor {
                     };
                     (f, r.steps, r.final_loss)
                 }
-                Some((subjects, essence, c_inv)) => {
-                    let r = rome::compute(&self.model, subjects, essence, c_inv, &rome_settings)?;
+                Some((subjects, essence, c_inv, preserved)) => {
+                    let r = rome::compute(
+                        &self.model,
+                        subjects,
+                        essence,
+                        c_inv,
+                        preserved.as_ref(),
+                        &rome_settings,
+                    )?;
                     let f = LoraFactors {
                         tensor,
                         rank: 1,

@@ -37,6 +37,10 @@ pub struct RomeSettings {
     pub clamp_norm_factor: f64,
     /// Stop once the mean target loss is below this.
     pub stop_loss: f32,
+    /// Weight of the preserved keys (earlier edits' positions at this
+    /// layer) added to C, as MEMIT adds the keys it must keep: 0 leaves
+    /// them out. See [`edit_direction`].
+    pub preserve_weight: f64,
 }
 
 impl Default for RomeSettings {
@@ -49,6 +53,7 @@ impl Default for RomeSettings {
             weight_decay: 0.5,
             clamp_norm_factor: 4.0,
             stop_loss: 0.2,
+            preserve_weight: 1.0,
         }
     }
 }
@@ -79,12 +84,15 @@ pub struct RomeResult {
 
 /// Computes the rank-one edit. `sequences` are the request's questions with
 /// their target answers; `essence` is the subject on its own, whose next-token
-/// distribution the KL term keeps; `c_inv` is C⁻¹ (`[n_ff, n_ff]`).
+/// distribution the KL term keeps; `c_inv` is C⁻¹ (`[n_ff, n_ff]`);
+/// `preserved` (`[m, n_ff]`) are keys the edit should leave alone (those of
+/// earlier edits' questions at this layer).
 pub fn compute(
     model: &LlamaModel,
     sequences: &[SubjectSequence],
     essence: &SubjectSequence,
     c_inv: &Tensor,
+    preserved: Option<&Tensor>,
     settings: &RomeSettings,
 ) -> Result<RomeResult, EditorError> {
     if sequences.is_empty() {
@@ -135,20 +143,7 @@ pub fn compute(
     // the prompts, optimises the edit that is written (3/3 at lr 0.5, 1.0
     // and 2.0; docs/RESULTS.md, ROME).
     let k_col = k_star.reshape((n_in, 1))?;
-    let c_inv_k = c_inv.matmul(&k_col)?;
-    let denom = k_col
-        .t()?
-        .matmul(&c_inv_k)?
-        .squeeze(0)?
-        .squeeze(0)?
-        .to_scalar::<f32>()?;
-    if !(denom.is_finite() && denom > 0.0) {
-        return Err(EditorError::Model(format!(
-            "the key covariance is degenerate at layer {} (k*ᵀC⁻¹k* = {denom})",
-            settings.layer
-        )));
-    }
-    let a = (c_inv_k / f64::from(denom))?;
+    let a = edit_direction(c_inv, &k_col, preserved, settings)?;
     let scale = keys.matmul(&a)?.reshape((b, width, 1))?;
     let scale_shared = prefix
         .keys_shared
@@ -206,11 +201,9 @@ pub fn compute(
         }
     };
 
-    let output_t = model.output().t()?;
-
     let base_hidden = hidden_at(None)?;
     let base_essence = candle_nn::ops::log_softmax(
-        &base_hidden.narrow(0, n_rows, 1)?.matmul(&output_t)?,
+        &model.vocab_logits(&base_hidden.narrow(0, n_rows, 1)?)?,
         D::Minus1,
     )?;
     let base_essence_p = base_essence.exp()?;
@@ -222,7 +215,7 @@ pub fn compute(
     let mut steps = 0;
     for step in 0..settings.steps {
         let hidden = hidden_at(Some(delta.as_tensor()))?;
-        let log_probs = candle_nn::ops::log_softmax(&hidden.matmul(&output_t)?, D::Minus1)?;
+        let log_probs = candle_nn::ops::log_softmax(&model.vocab_logits(&hidden)?, D::Minus1)?;
         let answer_lp = log_probs.narrow(0, 0, n_rows)?;
         let target_lp = answer_lp.gather(&labels_t, 1)?;
         let nll = target_lp.mean_all()?.neg()?;
@@ -267,6 +260,75 @@ pub fn compute(
     })
 }
 
+/// a = C'⁻¹k* / (k*ᵀ C'⁻¹ k*) (`[n_ff, 1]`), the input side of ΔW = δ aᵀ:
+/// aᵀk* = 1, and among such a the one with the least aᵀC'a, that is the
+/// least effect on the keys C' describes.
+///
+/// C' = C + μ K_p K_pᵀ adds the preserved keys K_p with weight μ
+/// (`preserve_weight`), as MEMIT adds the keys of the edits it must keep.
+/// Without it, sequential rank-one edits at one layer overwrite each other:
+/// a new edit fires on an earlier one's question wherever their keys
+/// overlap (10 UPQA preferences one after another, session 12: 6 of 7
+/// refusals were the new edit breaking an earlier preference). C⁻¹ is cached
+/// per layer, so C'⁻¹k* comes from Woodbury's identity with an m × m solve:
+/// C'⁻¹k* = C⁻¹k* − C⁻¹K_p (I/μ + K_pᵀC⁻¹K_p)⁻¹ K_pᵀC⁻¹k*.
+pub fn edit_direction(
+    c_inv: &Tensor,
+    k_star: &Tensor,
+    preserved: Option<&Tensor>,
+    settings: &RomeSettings,
+) -> Result<Tensor, EditorError> {
+    let mut c_inv_k = c_inv.matmul(k_star)?;
+    if let Some(kp) =
+        preserved.filter(|k| settings.preserve_weight > 0.0 && k.dim(0).is_ok_and(|m| m > 0))
+    {
+        let m = kp.dim(0)?;
+        // C⁻¹ is symmetric: K_pᵀC⁻¹ as rows.
+        let kp_cinv = kp.matmul(c_inv)?;
+        let gram = kp_cinv.matmul(&kp.t()?)?.to_vec2::<f32>()?;
+        let u = kp_cinv.matmul(k_star)?.flatten_all()?.to_vec1::<f32>()?;
+        let inv_weight = 1.0 / settings.preserve_weight;
+        let g = nalgebra::DMatrix::from_fn(m, m, |r, c| {
+            f64::from(gram[r][c]) + if r == c { inv_weight } else { 0.0 }
+        });
+        let rhs = nalgebra::DVector::from_iterator(m, u.iter().map(|&v| f64::from(v)));
+        let x = g
+            .cholesky()
+            .ok_or_else(|| {
+                EditorError::Model(format!(
+                    "the preserved keys at layer {} give a singular system",
+                    settings.layer
+                ))
+            })?
+            .solve(&rhs);
+        let x: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let x = Tensor::from_vec(x, (m, 1), &Device::Cpu)?;
+        c_inv_k = (c_inv_k - kp_cinv.t()?.matmul(&x)?)?;
+    }
+    let denom = k_star
+        .t()?
+        .matmul(&c_inv_k)?
+        .squeeze(0)?
+        .squeeze(0)?
+        .to_scalar::<f32>()?;
+    if !(denom.is_finite() && denom > 0.0) {
+        return Err(EditorError::Model(format!(
+            "the key covariance is degenerate at layer {} (k*ᵀC⁻¹k* = {denom})",
+            settings.layer
+        )));
+    }
+    let a = (c_inv_k / f64::from(denom))?;
+    if let Some(kp) = preserved.filter(|k| k.dim(0).is_ok_and(|m| m > 0)) {
+        let fired = kp.matmul(&a)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        tracing::debug!(
+            preserved = kp.dim(0)?,
+            max_abs_a_k = fired,
+            "rome: how strongly the edit fires on the preserved keys"
+        );
+    }
+    Ok(a)
+}
+
 /// The index in `tokens` (a templated question) of the last token of the
 /// question's subject: the attribute if the question names it (whole, or its
 /// longest word), else the question's last word. ROME edits the key there.
@@ -302,4 +364,73 @@ pub fn subject_position(engine: &Engine, tokens: &[u32], question: &str, attribu
         });
     let byte = q_start + subject_end.max(1) - 1;
     ends.iter().position(|&e| e > byte).unwrap_or(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random symmetric positive definite `[n, n]` matrix's inverse, as
+    /// the key covariance's would be.
+    fn random_c_inv(n: usize) -> Tensor {
+        let m = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu).expect("randn");
+        let c = (m.t().and_then(|t| t.matmul(&m)).expect("mᵀm") / n as f64)
+            .and_then(|c| c + Tensor::eye(n, DType::F32, &Device::Cpu).expect("eye"))
+            .expect("C");
+        let values = c.to_vec2::<f32>().expect("values");
+        let inverse = nalgebra::DMatrix::from_fn(n, n, |r, col| f64::from(values[r][col]))
+            .cholesky()
+            .expect("positive definite")
+            .inverse();
+        let flat: Vec<f32> = inverse.iter().map(|&v| v as f32).collect();
+        Tensor::from_vec(flat, (n, n), &Device::Cpu).expect("C⁻¹")
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .and_then(|t| t.max_all())
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("max")
+    }
+
+    #[test]
+    fn preserved_keys_stop_firing_while_the_subject_key_still_maps_to_one() {
+        let n = 48;
+        let c_inv = random_c_inv(n);
+        let k_star = Tensor::randn(0f32, 1f32, (n, 1), &Device::Cpu).expect("k*");
+        // One preserved key close to k* (an earlier edit whose subject looks
+        // like this one's) and four unrelated ones.
+        let near = ((k_star.t().expect("t") * 0.8).expect("scale")
+            + (Tensor::randn(0f32, 0.3f32, (1, n), &Device::Cpu).expect("noise")))
+        .expect("near");
+        let others = Tensor::randn(0f32, 1f32, (4, n), &Device::Cpu).expect("others");
+        let preserved = Tensor::cat(&[&near, &others], 0).expect("cat");
+
+        let plain = RomeSettings {
+            preserve_weight: 0.0,
+            ..Default::default()
+        };
+        let a_plain = edit_direction(&c_inv, &k_star, Some(&preserved), &plain).expect("plain");
+        let a_none = edit_direction(&c_inv, &k_star, None, &plain).expect("none");
+        assert!(max_abs(&(&a_plain - &a_none).expect("diff")) < 1e-6);
+
+        let strong = RomeSettings {
+            preserve_weight: 1e4,
+            ..Default::default()
+        };
+        let a = edit_direction(&c_inv, &k_star, Some(&preserved), &strong).expect("preserving");
+        let on_subject = a
+            .t()
+            .and_then(|a| a.matmul(&k_star))
+            .and_then(|v| v.flatten_all())
+            .and_then(|v| v.to_vec1::<f32>())
+            .expect("aᵀk*")[0];
+        assert!((on_subject - 1.0).abs() < 1e-3, "aᵀk* = {on_subject}");
+        let fired_plain = max_abs(&preserved.matmul(&a_plain).expect("plain on kept"));
+        let fired = max_abs(&preserved.matmul(&a).expect("on kept"));
+        assert!(
+            fired < 0.01 * fired_plain,
+            "preserved keys still fire: {fired} (unpreserved {fired_plain})"
+        );
+    }
 }
