@@ -15,7 +15,9 @@
 //!    prompt), a weight decay and a norm clamp. Unlike ROME's own code, δ is
 //!    trained through ΔW itself: at every position the residual gets
 //!    (aᵀk) δ, the amount the written edit adds there, not δ at the subject
-//!    only (see `compute`).
+//!    only (see `compute`);
+//! 4. as MEMIT does, adds the keys of earlier edits at the layer to C, so a
+//!    new edit leaves them alone (see [`edit_direction`]).
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
