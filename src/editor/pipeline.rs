@@ -421,15 +421,16 @@ impl Editor {
                 .filter(|a| !same_attribute(&a.attribute, &request.attribute))
                 .map(|a| a.question),
         );
+        // All at once: one answer after another took 6.3 s of a 21 s edit.
+        let conversations: Vec<Vec<ChatMessage>> = questions
+            .iter()
+            .map(|q| vec![ChatMessage::system(sys), ChatMessage::user(q)])
+            .collect();
+        let answers = engine.answer_all(&conversations, self.settings.anchor_tokens)?;
         let mut anchors = Vec::new();
-        for question in questions {
-            let gen = engine.chat(
-                &[ChatMessage::system(sys), ChatMessage::user(&question)],
-                &crate::engine::GenerationParams::greedy(self.settings.anchor_tokens),
-                &mut |_| std::ops::ControlFlow::Continue(()),
-            )?;
-            let answer: Vec<u32> = gen.tokens.iter().map(|&t| t as u32).collect();
-            anchors.push(self.sequence(engine, &question, &answer, false)?);
+        for (question, answer) in questions.iter().zip(answers) {
+            let answer: Vec<u32> = answer.iter().map(|&t| t as u32).collect();
+            anchors.push(self.sequence(engine, question, &answer, false)?);
         }
         let shipped = anchors.len();
         let mut others: Vec<&Edit> = active
@@ -588,6 +589,7 @@ impl Editor {
             _ => Default::default(),
         };
         tracing::debug!(remembered = memo.len(), "gate answers before the edit");
+        let started = Instant::now();
         let probe_tokens = self.settings.probe_tokens;
         let mut probe_before = Vec::new();
         for p in &probes {
@@ -635,6 +637,10 @@ impl Editor {
         for (p, before) in probes.iter().zip(&probe_before) {
             memo.insert(memo_entry(&p.question, probe_tokens), before.clone());
         }
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "gate answers before the edit collected"
+        );
         // Until an edit is accepted, the profile (and so its answers) stays
         // as it is.
         let answers_before = AnswersMemo {
@@ -658,8 +664,14 @@ impl Editor {
         let mut shipped_anchors = 0;
         if method == Method::Ftm && self.settings.anchors != AnchorMode::Off {
             progress("collecting anchor answers");
+            let started = Instant::now();
             (anchors, shipped_anchors) =
                 self.anchor_sequences(engine, request, active, &target_tokens)?;
+            tracing::debug!(
+                anchors = anchors.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "anchor answers generated"
+            );
         }
         if self.settings.anchors.trains() {
             sequences.extend(anchors.iter().cloned());

@@ -560,6 +560,152 @@ impl Engine {
         Ok((prompt_time, gen_time))
     }
 
+    /// Greedy answers (tokens, end-of-turn excluded, at most `max_tokens`
+    /// each) to several conversations, decoded side by side: each is its own
+    /// sequence in the KV cache and every decode call advances all of them,
+    /// so N short answers cost about the decode steps of one. The shared
+    /// prefix (the system prompt) is decoded once for all. Each answer is
+    /// greedy, as [`Engine::chat`] with greedy sampling would give it alone,
+    /// up to near-ties: side by side the kernels add in another order, so
+    /// two tokens within rounding of each other may swap (tested). The
+    /// cached conversation is forgotten.
+    pub fn answer_all(
+        &mut self,
+        conversations: &[Vec<ChatMessage>],
+        max_tokens: u32,
+    ) -> Result<Vec<Vec<i32>>, EngineError> {
+        let prompts = conversations
+            .iter()
+            .map(|c| Ok(self.tokenize(&self.render(c)?)))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let n_ctx = self.n_ctx() as usize;
+        let mut out = Vec::with_capacity(prompts.len());
+        let mut start = 0;
+        while start < prompts.len() {
+            // As many as fit in the cache together (counting shared
+            // prefixes once per sequence, to be safe).
+            let mut end = start;
+            let mut cells = 0;
+            while end < prompts.len() && end - start < PARALLEL_SEQUENCES as usize {
+                let need = prompts[end].len() + max_tokens as usize;
+                if prompts[end].is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                if need >= n_ctx {
+                    return Err(EngineError::ContextOverflow {
+                        n_ctx: n_ctx as u32,
+                        needed: need,
+                    });
+                }
+                if cells + need > n_ctx {
+                    break;
+                }
+                cells += need;
+                end += 1;
+            }
+            out.extend(self.answer_group(&prompts[start..end], max_tokens)?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// [`Engine::answer_all`] for prompts that fit in the cache together.
+    fn answer_group(
+        &mut self,
+        prompts: &[Vec<LlamaToken>],
+        max_tokens: u32,
+    ) -> Result<Vec<Vec<i32>>, EngineError> {
+        let n = prompts.len();
+        self.reset();
+        // Each prompt keeps at least its last token as its own: that
+        // token's logits start its answer.
+        let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+        let shared = (0..shortest.saturating_sub(1))
+            .take_while(|&i| prompts.iter().all(|p| p[i] == prompts[0][i]))
+            .count();
+        let everyone: Vec<i32> = (0..n as i32).collect();
+        // (token, position, sequences, the sequence whose next token its
+        // logits give)
+        let mut work: Vec<(LlamaToken, i32, Vec<i32>, Option<usize>)> = Vec::new();
+        for (pos, &token) in prompts[0][..shared].iter().enumerate() {
+            work.push((token, pos as i32, everyone.clone(), None));
+        }
+        for (seq, prompt) in prompts.iter().enumerate() {
+            for (pos, &token) in prompt.iter().enumerate().skip(shared) {
+                let last = pos + 1 == prompt.len();
+                work.push((token, pos as i32, vec![seq as i32], last.then_some(seq)));
+            }
+        }
+        let mut next = vec![LlamaToken(0); n];
+        self.decode_work(&work, &mut next)?;
+
+        let mut answers: Vec<Vec<i32>> = vec![Vec::new(); n];
+        let mut done = vec![max_tokens == 0; n];
+        let mut positions: Vec<i32> = prompts.iter().map(|p| p.len() as i32).collect();
+        loop {
+            let mut step = Vec::new();
+            for seq in 0..n {
+                if done[seq] {
+                    continue;
+                }
+                let token = next[seq];
+                if self.state().borrow_owner().vocab().is_eog(token) {
+                    done[seq] = true;
+                    continue;
+                }
+                answers[seq].push(token.0);
+                if answers[seq].len() >= max_tokens as usize {
+                    done[seq] = true;
+                    continue;
+                }
+                step.push((token, positions[seq], vec![seq as i32], Some(seq)));
+                positions[seq] += 1;
+            }
+            if step.is_empty() {
+                break;
+            }
+            self.decode_work(&step, &mut next)?;
+        }
+        self.reset();
+        Ok(answers)
+    }
+
+    /// Decodes `work` in batches; for each entry that names a sequence,
+    /// stores the greedy next token from its logits in `next`.
+    fn decode_work(
+        &mut self,
+        work: &[(LlamaToken, i32, Vec<i32>, Option<usize>)],
+        next: &mut [LlamaToken],
+    ) -> Result<(), EngineError> {
+        let batch_size = self.options.batch_size.max(1) as usize;
+        let n_seq = next.len() as i32;
+        for chunk in work.chunks(batch_size) {
+            let mut batch = LlamaBatch::new(chunk.len(), n_seq);
+            for (token, pos, seqs, wants) in chunk {
+                batch
+                    .add(*token, *pos, seqs, wants.is_some())
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+            }
+            let picked = self.state_mut().with_dependent_mut(|_, ctx| {
+                ctx.decode(&mut batch)
+                    .map_err(|e| EngineError::Decode(e.to_string()))?;
+                Ok::<_, EngineError>(
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, (_, _, _, wants))| {
+                            wants.map(|seq| (seq, argmax(ctx.get_logits_ith(i as i32))))
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })?;
+            for (seq, token) in picked {
+                next[seq] = token;
+            }
+        }
+        Ok(())
+    }
+
     /// Mean-pooled, L2-normalised embeddings of `texts` from the base model
     /// (a separate, short-lived context: the chat context and any adapter
     /// are untouched). Used by the retrieval baseline.
@@ -644,6 +790,22 @@ impl Engine {
     }
 }
 
+/// The first most likely token (greedy sampling's choice).
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken(best as i32)
+}
+
+/// How many conversations [`Engine::answer_all`] decodes side by side. The
+/// cache is unified (every sequence may use every cell), so this costs no
+/// context length.
+const PARALLEL_SEQUENCES: u32 = 64;
+
 fn build_context(
     model: LlamaModel,
     options: &EngineOptions,
@@ -656,7 +818,9 @@ fn build_context(
         .with_n_batch(options.batch_size.max(1))
         .with_n_ubatch(options.batch_size.max(1))
         .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+        .with_n_threads_batch(threads)
+        .with_n_seq_max(PARALLEL_SEQUENCES)
+        .with_kv_unified(true);
     let backend = backend::get();
     let mut state = ModelAndContext::try_new(model, |model| model.new_context(backend, params))
         .map_err(|e| EngineError::Context {
