@@ -446,12 +446,7 @@ impl Editor {
         }
         others.drain(..first);
         for other in others {
-            let mut answer: Vec<u32> = engine
-                .tokenize_plain(other.request.target.trim())
-                .into_iter()
-                .map(|t| t as u32)
-                .collect();
-            answer.push(eot);
+            let answer = answer_tokens(engine, &other.request.target, eot);
             // Every question, not only the first: the gate checks them all,
             // and an edit that keeps "What's my hobby?" while losing "Which
             // hobby do I have?" is refused (docs/RESULTS.md, "Anchor modes,
@@ -488,12 +483,7 @@ impl Editor {
             if sequences.len() + other.request.asked().count() > PROFILE_ANCHORS {
                 break;
             }
-            let mut answer: Vec<u32> = engine
-                .tokenize_plain(other.request.target.trim())
-                .into_iter()
-                .map(|t| t as u32)
-                .collect();
-            answer.push(eot);
+            let answer = answer_tokens(engine, &other.request.target, eot);
             for q in other.request.asked() {
                 sequences.push(self.sequence(engine, q, &answer, false)?.tokens);
             }
@@ -649,12 +639,7 @@ impl Editor {
         };
 
         let eot = engine.end_of_turn_token() as u32;
-        let mut target_tokens: Vec<u32> = engine
-            .tokenize_plain(request.target.trim())
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        target_tokens.push(eot);
+        let target_tokens = answer_tokens(engine, &request.target, eot);
 
         let mut sequences = Vec::new();
         for q in request.asked() {
@@ -1042,6 +1027,17 @@ impl Editor {
         engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
         Ok(outcome)
     }
+}
+
+/// `target` as the assistant's whole answer: its tokens and the end of turn.
+fn answer_tokens(engine: &Engine, target: &str, eot: u32) -> Vec<u32> {
+    let mut tokens: Vec<u32> = engine
+        .tokenize_plain(target.trim())
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    tokens.push(eot);
+    tokens
 }
 
 fn seed_for(request: &EditRequest) -> u64 {

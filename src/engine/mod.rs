@@ -3,7 +3,9 @@
 //!
 //! One `Engine` owns one model and one context. The context's KV cache holds
 //! the tokens of the last conversation, so the next turn of the same
-//! conversation only decodes what is new (prefix reuse). Attaching or removing
+//! conversation only decodes what is new (prefix reuse). The cache is unified
+//! across 64 sequences so that [`Engine::answer_all`] can decode many short
+//! answers side by side; chat uses sequence 0 only. Attaching or removing
 //! an adapter drops and rebuilds the context: llama.cpp needs `&mut` on the
 //! model to load an adapter, and cached keys/values computed under other
 //! weights must never be reused.
