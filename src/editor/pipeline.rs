@@ -421,7 +421,8 @@ impl Editor {
                 .filter(|a| !same_attribute(&a.attribute, &request.attribute))
                 .map(|a| a.question),
         );
-        // All at once: one answer after another took 6.3 s of a 21 s edit.
+        // Side by side: one after another, every edit spent about 3 s more
+        // on these answers (docs/RESULTS.md, "Edit speed and memory").
         let conversations: Vec<Vec<ChatMessage>> = questions
             .iter()
             .map(|q| vec![ChatMessage::system(sys), ChatMessage::user(q)])
