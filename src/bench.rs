@@ -3,6 +3,7 @@
 //! `n_prompt` tokens decoded as one batch; `n_gen` tokens decoded one at a
 //! time), so the two numbers can be compared directly.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -66,17 +67,76 @@ pub fn decode(
         tg.push(rate(n_gen, gen_time));
         on_run(run + 1);
     }
-    Ok(DecodeReport {
+    Ok(report(engine, n_prompt, n_gen, &pp, &tg))
+}
+
+/// The engine's speed without and with an adapter, and their ratio.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterOverhead {
+    pub base: DecodeReport,
+    pub with_adapter: DecodeReport,
+    /// Per round: generation speed with the adapter ÷ without.
+    pub generation_ratio: Summary,
+    /// Per round: prompt-processing speed with the adapter ÷ without.
+    pub prompt_ratio: Summary,
+}
+
+/// [`decode`] without and with the adapter at `adapter`, in alternating
+/// rounds (one run without, one with, `runs` times). Two blocks of runs
+/// one after the other read the machine's drift as the adapter's cost: on
+/// the shared 2-core VM the same binary measured 0.84× and 0.97× that way
+/// (docs/RESULTS.md). Each round's ratio compares two runs made seconds
+/// apart, and their median is the figure to report. The engine is left
+/// with the adapter attached.
+pub fn adapter_overhead(
+    engine: &mut Engine,
+    adapter: &Path,
+    n_prompt: usize,
+    n_gen: usize,
+    runs: usize,
+    mut on_run: impl FnMut(usize),
+) -> Result<AdapterOverhead, EngineError> {
+    let runs = runs.max(1);
+    let (mut pp, mut tg) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for run in 0..runs {
+        for (side, with) in [None, Some(adapter)].into_iter().enumerate() {
+            // Attaching rebuilds the context: its first decode allocates
+            // compute buffers, so each side gets its own warm-up.
+            engine.set_adapter(with)?;
+            engine.bench_run(n_prompt.min(32), n_gen.min(4))?;
+            let (prompt_time, gen_time) = engine.bench_run(n_prompt, n_gen)?;
+            pp[side].push(rate(n_prompt, prompt_time));
+            tg[side].push(rate(n_gen, gen_time));
+        }
+        on_run(run + 1);
+    }
+    let ratios = |v: &[Vec<f64>; 2]| -> Vec<f64> {
+        v[1].iter().zip(&v[0]).map(|(e, b)| e / b).collect()
+    };
+    let base = DecodeReport {
+        adapter: None,
+        ..report(engine, n_prompt, n_gen, &pp[0], &tg[0])
+    };
+    Ok(AdapterOverhead {
+        base,
+        with_adapter: report(engine, n_prompt, n_gen, &pp[1], &tg[1]),
+        generation_ratio: Summary::of(&ratios(&tg)),
+        prompt_ratio: Summary::of(&ratios(&pp)),
+    })
+}
+
+fn report(engine: &Engine, n_prompt: usize, n_gen: usize, pp: &[f64], tg: &[f64]) -> DecodeReport {
+    DecodeReport {
         model: engine.options().model_path.display().to_string(),
         threads: engine.options().resolved_threads(),
         n_gpu_layers: engine.options().n_gpu_layers,
         adapter: engine.adapter_path().map(|p| p.display().to_string()),
         n_prompt,
         n_gen,
-        runs,
-        prompt_tokens_per_s: Summary::of(&pp),
-        generation_tokens_per_s: Summary::of(&tg),
-    })
+        runs: tg.len(),
+        prompt_tokens_per_s: Summary::of(pp),
+        generation_tokens_per_s: Summary::of(tg),
+    }
 }
 
 fn rate(tokens: usize, time: Duration) -> f64 {

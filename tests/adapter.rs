@@ -100,3 +100,32 @@ fn adapters_for_another_model_are_refused_before_and_by_llama_cpp() {
     let tokens = prompt_tokens(&engine);
     assert!(!engine.logits_all(&tokens).unwrap().is_empty());
 }
+
+/// `imprint bench decode --edits N` alternates runs without and with the
+/// adapter. Each side must really run as labelled: the base side with no
+/// adapter, the other with it (the engine is left with it attached), and a
+/// ratio per round.
+#[test]
+fn the_adapter_overhead_bench_alternates_base_and_adapter_runs() {
+    let mut engine = common::engine_with_ctx(256);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.gguf");
+    let edits = synthetic_edits(3, 20, 1536, 576, 5);
+    let refs: Vec<&Edit> = edits.iter().collect();
+    assert!(write_adapter(&refs, "llama", "model", &path).unwrap());
+    let mut rounds = Vec::new();
+    let overhead =
+        imprint::bench::adapter_overhead(&mut engine, &path, 16, 4, 3, |r| rounds.push(r))
+            .unwrap();
+    assert_eq!(rounds, [1, 2, 3]);
+    assert_eq!(overhead.base.adapter, None);
+    assert_eq!(
+        overhead.with_adapter.adapter.as_deref(),
+        Some(path.display().to_string().as_str())
+    );
+    assert_eq!(engine.adapter_path(), Some(path.as_path()));
+    assert_eq!((overhead.base.runs, overhead.with_adapter.runs), (3, 3));
+    for s in [&overhead.generation_ratio, &overhead.prompt_ratio] {
+        assert!(s.min > 0.0 && s.min <= s.median && s.median <= s.max && s.max.is_finite());
+    }
+}

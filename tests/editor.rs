@@ -408,70 +408,25 @@ fn rome_edits_on_one_subject_token_keep_each_other() {
 /// still the argmax, checked here independently with the edit applied.
 #[test]
 fn training_stops_only_when_watched_anchors_keep_their_answers() {
-    use imprint::editor::ftm::{self, FtmSettings, TrainSequence};
+    use imprint::editor::ftm::{self, FtmSettings};
     use imprint::editor::model::LlamaModel;
-    use imprint::engine::ChatMessage;
 
     let engine = common::engine();
     let mut model = LlamaModel::load(&common::model_path()).unwrap();
-    let prompt = |q: &str| -> Vec<u32> {
-        let text = engine
-            .render(&[ChatMessage::system(SYSTEM), ChatMessage::user(q)])
-            .unwrap();
-        engine.tokenize(&text).iter().map(|t| t.0 as u32).collect()
-    };
-    let greedy = |model: &LlamaModel, tokens: &[u32]| -> u32 {
-        let logits = model.logits(tokens).unwrap();
-        let last = logits.dim(0).unwrap() - 1;
-        logits
-            .get(last)
-            .unwrap()
-            .argmax(0)
-            .unwrap()
-            .to_scalar::<u32>()
-            .unwrap()
-    };
-
-    // The target: a hobby the base model does not answer.
-    let mut sequences = Vec::new();
-    let mut target: Vec<u32> = engine
-        .tokenize_plain("Dancing at clubs")
-        .into_iter()
-        .map(|t| t as u32)
-        .collect();
-    target.push(engine.end_of_turn_token() as u32);
-    for q in ["What's my hobby?", "What do I like to do for fun?"] {
-        let mut tokens = prompt(q);
-        let answer_start = tokens.len();
-        tokens.extend_from_slice(&target);
-        sequences.push(TrainSequence {
-            tokens,
-            answer_start,
-            is_target: true,
-            exact: false,
-        });
-    }
     // Exact anchors: personal questions close to the request's, with the
-    // base model's own greedy answers (four tokens), as an earlier
-    // preference's questions would be.
-    for q in [
-        "What's my job?",
-        "What's my favorite color?",
-        "What do I do on weekends?",
-    ] {
-        let mut tokens = prompt(q);
-        let answer_start = tokens.len();
-        for _ in 0..4 {
-            let next = greedy(&model, &tokens);
-            tokens.push(next);
-        }
-        sequences.push(TrainSequence {
-            tokens,
-            answer_start,
-            is_target: false,
-            exact: true,
-        });
-    }
+    // base model's own greedy answers, as an earlier preference's questions
+    // would be.
+    let sequences = hobby_training_set(
+        &engine,
+        &model,
+        &["What's my hobby?", "What do I like to do for fun?"],
+        &[
+            "What's my job?",
+            "What's my favorite color?",
+            "What do I do on weekends?",
+        ],
+        true,
+    );
 
     let layer = (model.config.n_layer * 2).div_ceil(3);
     let settings = FtmSettings {
@@ -508,7 +463,7 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
     for (i, s) in sequences.iter().enumerate() {
         for p in s.answer_start..s.tokens.len() {
             assert_eq!(
-                greedy(&model, &s.tokens[..p]),
+                greedy_next(&model, &s.tokens[..p]),
                 s.tokens[p],
                 "answer token {} of sequence {i} ({}) is not the argmax with the edit",
                 p - s.answer_start,
@@ -519,6 +474,151 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
                 },
             );
         }
+    }
+}
+
+/// The chat-templated prompt for `question`, as token ids.
+fn templated(engine: &imprint::engine::Engine, question: &str) -> Vec<u32> {
+    use imprint::engine::ChatMessage;
+    let text = engine
+        .render(&[ChatMessage::system(SYSTEM), ChatMessage::user(question)])
+        .unwrap();
+    engine.tokenize(&text).iter().map(|t| t.0 as u32).collect()
+}
+
+/// candle's greedy next token after `tokens`.
+fn greedy_next(model: &imprint::editor::model::LlamaModel, tokens: &[u32]) -> u32 {
+    let logits = model.logits(tokens).unwrap();
+    let last = logits.dim(0).unwrap() - 1;
+    logits
+        .get(last)
+        .unwrap()
+        .argmax(0)
+        .unwrap()
+        .to_scalar::<u32>()
+        .unwrap()
+}
+
+/// FT-M training sequences: each of `questions` answered "Dancing at
+/// clubs", and each of `anchors` answered with the base model's own first
+/// four greedy tokens (`exact` anchors or ordinary loss anchors).
+fn hobby_training_set(
+    engine: &imprint::engine::Engine,
+    model: &imprint::editor::model::LlamaModel,
+    questions: &[&str],
+    anchors: &[&str],
+    exact: bool,
+) -> Vec<imprint::editor::ftm::TrainSequence> {
+    use imprint::editor::ftm::TrainSequence;
+    let mut target: Vec<u32> = engine
+        .tokenize_plain("Dancing at clubs")
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    target.push(engine.end_of_turn_token() as u32);
+    let mut sequences = Vec::new();
+    for q in questions {
+        let mut tokens = templated(engine, q);
+        let answer_start = tokens.len();
+        tokens.extend_from_slice(&target);
+        sequences.push(TrainSequence {
+            tokens,
+            answer_start,
+            is_target: true,
+            exact: false,
+        });
+    }
+    for q in anchors {
+        let mut tokens = templated(engine, q);
+        let answer_start = tokens.len();
+        for _ in 0..4 {
+            let next = greedy_next(model, &tokens);
+            tokens.push(next);
+        }
+        sequences.push(TrainSequence {
+            tokens,
+            answer_start,
+            is_target: false,
+            exact,
+        });
+    }
+    sequences
+}
+
+/// A retry trains dozens of anchors; they go through the upper layers in
+/// chunks whose gradients are added up, so that one chunk's graph is in
+/// memory at a time. Chunking must not change what is trained: the same
+/// steps on the same sequences give the same factors, whole or in chunks
+/// of two (and an odd chunk left over).
+#[test]
+fn training_in_chunks_gives_the_edit_of_one_batch() {
+    use imprint::editor::ftm::{self, FtmSettings};
+    use imprint::editor::model::LlamaModel;
+
+    let engine = common::engine();
+    let model = LlamaModel::load(&common::model_path()).unwrap();
+    let sequences = hobby_training_set(
+        &engine,
+        &model,
+        &["What's my hobby?", "What's my favorite pastime?"],
+        &[
+            "What's my job?",
+            "What is the capital of Italy?",
+            "Where do I live?",
+            "Name a primary color.",
+            "What pet do I have?",
+        ],
+        false,
+    );
+    let settings = FtmSettings {
+        layer: (model.config.n_layer * 2).div_ceil(3),
+        rank: 4,
+        max_steps: 6,
+        learning_rate: 5e-2,
+        lr_floor: 1.0,
+        anchor_weight: 1.0,
+        l2: 0.01,
+        // Never reached: both runs take all six steps.
+        stop_loss: -1.0,
+        min_anchor_agreement: 0.95,
+        anchor_key_weight: 0.0,
+        seed: 11,
+    };
+    let mut losses = (Vec::new(), Vec::new());
+    let whole = ftm::train_in_chunks(&model, &sequences, None, None, &settings, 64, |_, l| {
+        losses.0.push(l)
+    })
+    .unwrap();
+    let chunked = ftm::train_in_chunks(&model, &sequences, None, None, &settings, 2, |_, l| {
+        losses.1.push(l)
+    })
+    .unwrap();
+    assert_eq!((whole.steps, chunked.steps), (6, 6));
+    assert!(
+        losses.0[5] < losses.0[0] * 0.8,
+        "training did not lower the target loss: {:?}",
+        losses.0
+    );
+    for (step, (a, b)) in losses.0.iter().zip(&losses.1).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * a.abs().max(1.0),
+            "step {step}: target loss {a} whole, {b} in chunks"
+        );
+    }
+    let max_abs = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (name, x, y) in [
+        ("A", &whole.a, &chunked.a),
+        ("B", &whole.b, &chunked.b),
+    ] {
+        let diff = x
+            .iter()
+            .zip(y.iter())
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            diff <= 1e-3 * max_abs(x),
+            "factor {name} differs by {diff} (largest entry {})",
+            max_abs(x)
+        );
     }
 }
 

@@ -21,7 +21,8 @@ pub enum BenchCommand {
         /// A model name or GGUF path.
         #[arg(long)]
         model: Option<String>,
-        /// Also measure with an adapter of N synthetic rank-4 edits, and report the ratio.
+        /// Also measure with an adapter of N synthetic rank-4 edits, in
+        /// rounds alternating with the base model, and report the ratio.
         #[arg(long, default_value_t = 0)]
         edits: usize,
         /// Print JSON instead of a table.
@@ -74,38 +75,46 @@ pub fn run(app: &App, cmd: BenchCommand) -> Result<ExitCode> {
             json,
         } => {
             let mut engine = super::load_engine(app, model.as_deref(), false)?;
-            let mut reports = vec![measure(app, &mut engine, prompt, gen, runs)?];
-            let _adapter_dir;
-            if edits > 0 {
-                let summary = engine.summary().clone();
-                let layer = (summary.n_layer as usize * 2)
-                    .div_ceil(3)
-                    .min(summary.n_layer as usize - 1);
-                let n_ff =
-                    imprint::editor::model::LlamaModel::n_ff_of(&engine.options().model_path)?;
-                let synthetic = imprint::editor::adapter::synthetic_edits(
-                    edits,
-                    layer,
-                    n_ff,
-                    summary.n_embd as usize,
-                    1,
-                );
-                let refs: Vec<_> = synthetic.iter().collect();
-                _adapter_dir = tempfile::tempdir()?;
-                let path = _adapter_dir.path().join("bench.gguf");
-                imprint::editor::adapter::write_adapter(
-                    &refs,
-                    &summary.architecture,
-                    "bench",
-                    &path,
-                )?;
-                engine.set_adapter(Some(&path))?;
-                reports.push(measure(app, &mut engine, prompt, gen, runs)?);
+            if edits == 0 {
+                let report = measure(app, &mut engine, prompt, gen, runs)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print_table(&[&report]);
+                }
+                return Ok(ExitCode::SUCCESS);
             }
+            let summary = engine.summary().clone();
+            let layer = (summary.n_layer as usize * 2)
+                .div_ceil(3)
+                .min(summary.n_layer as usize - 1);
+            let n_ff = imprint::editor::model::LlamaModel::n_ff_of(&engine.options().model_path)?;
+            let synthetic = imprint::editor::adapter::synthetic_edits(
+                edits,
+                layer,
+                n_ff,
+                summary.n_embd as usize,
+                1,
+            );
+            let refs: Vec<_> = synthetic.iter().collect();
+            let adapter_dir = tempfile::tempdir()?;
+            let path = adapter_dir.path().join("bench.gguf");
+            imprint::editor::adapter::write_adapter(&refs, &summary.architecture, "bench", &path)?;
+            let bar = app.progress(runs as u64, "bench decode (without and with the adapter)");
+            let overhead =
+                imprint::bench::adapter_overhead(&mut engine, &path, prompt, gen, runs, |done| {
+                    bar.set_position(done as u64)
+                })?;
+            bar.finish_and_clear();
             if json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
+                println!("{}", serde_json::to_string_pretty(&overhead)?);
             } else {
-                print_table(&reports);
+                print_table(&[&overhead.base, &overhead.with_adapter]);
+                let (g, p) = (&overhead.generation_ratio, &overhead.prompt_ratio);
+                println!(
+                    "with the adapter, per round: generation at {:.3}x (min {:.3}, max {:.3}), prompt processing at {:.3}x (min {:.3}, max {:.3}) the base speed (medians of {} alternating rounds)",
+                    g.median, g.min, g.max, p.median, p.min, p.max, runs.max(1)
+                );
             }
         }
         BenchCommand::Edit(args) => bench_edit(app, args)?,
@@ -129,7 +138,7 @@ fn measure(
     Ok(report)
 }
 
-fn print_table(reports: &[imprint::bench::DecodeReport]) {
+fn print_table(reports: &[&imprint::bench::DecodeReport]) {
     for report in reports {
         {
             println!("model:    {}", report.model);
@@ -160,13 +169,6 @@ fn print_table(reports: &[imprint::bench::DecodeReport]) {
             }
         }
         println!();
-    }
-    if let [base, edited] = reports {
-        println!(
-            "with the adapter: generation at {:.3}x, prompt processing at {:.3}x the base speed (medians)",
-            edited.generation_tokens_per_s.median / base.generation_tokens_per_s.median,
-            edited.prompt_tokens_per_s.median / base.prompt_tokens_per_s.median
-        );
     }
 }
 

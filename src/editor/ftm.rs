@@ -286,9 +286,25 @@ fn lead(logits: &[f32], label: usize) -> f32 {
     logits[label] - rival
 }
 
-/// One set of sequences prepared for the loss: their layer-L prefix, which
-/// rows the loss reads, and a candidate vocabulary for the softmax.
+/// Sequences that go through the upper layers in one forward and backward
+/// pass. A retry trains every shipped anchor by cross-entropy (about 67
+/// sequences); in one graph that held 2.7–3.2 GB (docs/RESULTS.md, "Edit
+/// speed and memory"). In chunks of this size, with the gradients added up,
+/// the graph of one chunk is alive at a time. A first attempt (the request's
+/// own questions, a handful of sequences) is a single chunk, as before.
+pub const LOSS_CHUNK: usize = 12;
+
+/// One set of sequences prepared for the loss, split into chunks that are
+/// differentiated one after another (see [`LOSS_CHUNK`]). Every chunk has
+/// the same shared prefix and reads the same candidate vocabulary, so the
+/// summed loss is the loss of the whole set.
 struct LossSet {
+    chunks: Vec<LossChunk>,
+}
+
+/// Part of a [`LossSet`]: its layer-L prefix, which rows the loss reads,
+/// and the candidate vocabulary for the softmax.
+struct LossChunk {
     prefix: Prefix,
     frozen: FrozenShared,
     /// `[b * width, n_ff]`: the continuations' MLP keys at layer L.
@@ -298,56 +314,57 @@ struct LossSet {
     labels: Tensor,
     local_labels: Vec<u32>,
     weights: Tensor,
-    /// `[n_embd, candidates]`.
+    /// `[n_embd, candidates]`, shared by all chunks.
     out: Tensor,
     target_rows: Vec<usize>,
     anchor_rows: Vec<usize>,
     exact_rows: Vec<usize>,
-    /// The sequence each loss row belongs to.
+    /// The sequence (index into the whole set) each loss row belongs to.
     row_sequence: Vec<usize>,
     /// Per loss row: the lead over the runner-up an exact anchor's token must
     /// keep (see [`EXACT_MARGIN`]); 0 for other rows.
     margin_floor: Vec<f32>,
 }
 
+/// What one forward over a whole [`LossSet`] found, judged before the update.
+#[derive(Debug, Default)]
+struct SetVerdict {
+    /// Mean cross-entropy over the target rows.
+    target_loss: f32,
+    /// Every target token is the argmax.
+    all_right: bool,
+    anchors_kept: usize,
+    anchor_rows: usize,
+    /// Sequences with an `exact` row that lost its lead.
+    slipped: Vec<usize>,
+}
+
 impl LossSet {
     /// `shared_cap` bounds the shared prefix: the edit is only known to add
     /// nothing on the first set's shared positions (their keys are projected
-    /// out), so a later set may share no more than that.
+    /// out), so a later set may share no more than that. `chunk` is the
+    /// number of sequences per chunk.
     fn build(
         model: &LlamaModel,
         sequences: &[TrainSequence],
         settings: &FtmSettings,
         shared_cap: usize,
+        chunk: usize,
     ) -> Result<Self, EditorError> {
         let device = Device::Cpu;
-        let mut batch = Batch::new(sequences.iter().map(|s| s.tokens.clone()).collect());
-        // Loss positions (answer_start - 1 onwards) must lie in the continuations.
-        batch.shared_limit = sequences
+        // Loss positions (answer_start - 1 onwards) must lie in the
+        // continuations, and every chunk splits off the same prefix: the one
+        // all of the set's sequences share.
+        let mut whole = Batch::new(sequences.iter().map(|s| s.tokens.clone()).collect());
+        whole.shared_limit = sequences
             .iter()
             .map(|s| s.answer_start.saturating_sub(1))
             .min()
             .unwrap_or(0)
             .min(shared_cap);
-        let prefix_start = std::time::Instant::now();
-        let prefix = model.prefix(&batch, settings.layer)?;
-        let (b, width, shared) = (sequences.len(), prefix.width, prefix.shared_len);
-        tracing::debug!(
-            sequences = b,
-            shared,
-            width,
-            ms = prefix_start.elapsed().as_millis() as u64,
-            "ftm prefix"
-        );
-        let frozen = model.frozen_shared(&prefix)?;
+        let shared_limit = whole.split().shared.len();
 
-        // Loss rows: position p predicts token p + 1.
-        let mut rows = Vec::new();
-        let mut labels = Vec::new();
-        let mut weights = Vec::new();
-        let (mut target_rows, mut anchor_rows, mut exact_rows) =
-            (Vec::new(), Vec::new(), Vec::new());
-        let mut row_sequence = Vec::new();
+        // Row weights are over the whole set, so chunks add up to its loss.
         let answer_len = |s: &TrainSequence| s.tokens.len() - s.answer_start;
         let n_target: usize = sequences
             .iter()
@@ -359,69 +376,212 @@ impl LossSet {
             .filter(|s| !s.is_target)
             .map(answer_len)
             .sum();
-        for (i, s) in sequences.iter().enumerate() {
-            for p in s.answer_start.max(shared + 1)..s.tokens.len() {
-                if s.is_target {
-                    target_rows.push(rows.len());
-                } else if s.exact {
-                    exact_rows.push(rows.len());
-                } else {
-                    anchor_rows.push(rows.len());
-                }
-                row_sequence.push(i);
-                rows.push((i * width + p - 1 - shared) as u32);
-                labels.push(s.tokens[p]);
-                weights.push(if s.is_target {
-                    1.0 / n_target.max(1) as f32
-                } else {
-                    (settings.anchor_weight / n_anchor.max(1) as f64) as f32
-                });
-            }
-        }
-        let n_rows = rows.len();
-        let rows = Tensor::from_vec(rows, n_rows, &device)?;
 
+        let n_chunks = sequences.len().div_ceil(chunk.max(1)).max(1);
+        let per_chunk = sequences.len().div_ceil(n_chunks).max(1);
+        let mut parts = Vec::with_capacity(n_chunks);
         // Softmax over a candidate vocabulary: every label plus the base
-        // model's top tokens at each loss row. Projecting onto all n_vocab
-        // entries at every step would cost more than the layers themselves.
-        let base_hidden = model.suffix_hidden(&prefix, None, &rows)?;
-        let base_logits = base_hidden.matmul(&model.output().t()?)?.to_vec2::<f32>()?;
-        let mut margin_floor = vec![0.0; labels.len()];
-        for &r in &exact_rows {
-            margin_floor[r] =
-                EXACT_MARGIN.min(lead(&base_logits[r], labels[r] as usize).max(0.0) / 2.0);
-        }
-        let mut vocab: Vec<u32> = labels.clone();
-        for row in &base_logits {
-            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            let k = CANDIDATES_PER_ROW.min(idx.len());
-            idx.select_nth_unstable_by(k - 1, |&x, &y| row[y as usize].total_cmp(&row[x as usize]));
-            vocab.extend_from_slice(&idx[..k]);
+        // model's top tokens at each loss row, of the whole set. Projecting
+        // onto all n_vocab entries at every step would cost more than the
+        // layers themselves.
+        let mut vocab: Vec<u32> = Vec::new();
+        for (c, part) in sequences.chunks(per_chunk).enumerate() {
+            let offset = c * per_chunk;
+            let mut batch = Batch::new(part.iter().map(|s| s.tokens.clone()).collect());
+            batch.shared_limit = shared_limit;
+            let prefix_start = std::time::Instant::now();
+            let prefix = model.prefix(&batch, settings.layer)?;
+            let (b, width, shared) = (part.len(), prefix.width, prefix.shared_len);
+            tracing::debug!(
+                chunk = c,
+                sequences = b,
+                shared,
+                width,
+                ms = prefix_start.elapsed().as_millis() as u64,
+                "ftm prefix"
+            );
+            let frozen = model.frozen_shared(&prefix)?;
+
+            // Loss rows: position p predicts token p + 1.
+            let mut rows = Vec::new();
+            let mut labels = Vec::new();
+            let mut weights = Vec::new();
+            let (mut target_rows, mut anchor_rows, mut exact_rows) =
+                (Vec::new(), Vec::new(), Vec::new());
+            let mut row_sequence = Vec::new();
+            for (i, s) in part.iter().enumerate() {
+                for p in s.answer_start.max(shared + 1)..s.tokens.len() {
+                    if s.is_target {
+                        target_rows.push(rows.len());
+                    } else if s.exact {
+                        exact_rows.push(rows.len());
+                    } else {
+                        anchor_rows.push(rows.len());
+                    }
+                    row_sequence.push(offset + i);
+                    rows.push((i * width + p - 1 - shared) as u32);
+                    labels.push(s.tokens[p]);
+                    weights.push(if s.is_target {
+                        1.0 / n_target.max(1) as f32
+                    } else {
+                        (settings.anchor_weight / n_anchor.max(1) as f64) as f32
+                    });
+                }
+            }
+            let n_rows = rows.len();
+            let rows = Tensor::from_vec(rows, n_rows, &device)?;
+            let base_hidden = model.suffix_hidden(&prefix, None, &rows)?;
+            let base_logits = base_hidden.matmul(&model.output().t()?)?.to_vec2::<f32>()?;
+            let mut margin_floor = vec![0.0; labels.len()];
+            for &r in &exact_rows {
+                margin_floor[r] =
+                    EXACT_MARGIN.min(lead(&base_logits[r], labels[r] as usize).max(0.0) / 2.0);
+            }
+            vocab.extend_from_slice(&labels);
+            for row in &base_logits {
+                let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+                let k = CANDIDATES_PER_ROW.min(idx.len());
+                idx.select_nth_unstable_by(k - 1, |&x, &y| {
+                    row[y as usize].total_cmp(&row[x as usize])
+                });
+                vocab.extend_from_slice(&idx[..k]);
+            }
+            let keys = prefix.keys.reshape((b * width, model.config.n_ff))?;
+            parts.push((
+                LossChunk {
+                    keys,
+                    batch: b,
+                    labels: Tensor::zeros((n_rows, 1), DType::U32, &device)?,
+                    local_labels: Vec::new(),
+                    weights: Tensor::from_vec(weights, n_rows, &device)?,
+                    out: Tensor::zeros((model.config.n_embd, 1), DType::F32, &device)?,
+                    rows,
+                    prefix,
+                    frozen,
+                    target_rows,
+                    anchor_rows,
+                    exact_rows,
+                    row_sequence,
+                    margin_floor,
+                },
+                labels,
+            ));
         }
         vocab.sort_unstable();
         vocab.dedup();
         let position = |t: u32| vocab.binary_search(&t).unwrap_or(0) as u32;
-        let local_labels: Vec<u32> = labels.iter().map(|&t| position(t)).collect();
         let out_rows = model.output_rows(&Tensor::from_slice(&vocab, vocab.len(), &device)?)?;
-        let keys = prefix.keys.reshape((b * width, model.config.n_ff))?;
-        Ok(Self {
-            keys,
-            batch: b,
-            labels: Tensor::from_vec(local_labels.clone(), (n_rows, 1), &device)?,
-            local_labels,
-            weights: Tensor::from_vec(weights, n_rows, &device)?,
-            out: out_rows.t()?.contiguous()?,
-            rows,
-            prefix,
-            frozen,
-            target_rows,
-            anchor_rows,
-            exact_rows,
-            row_sequence,
-            margin_floor,
-        })
+        let out = out_rows.t()?.contiguous()?;
+        let mut chunks = Vec::with_capacity(parts.len());
+        for (mut part, labels) in parts {
+            part.local_labels = labels.iter().map(|&t| position(t)).collect();
+            part.labels =
+                Tensor::from_vec(part.local_labels.clone(), (labels.len(), 1), &device)?;
+            part.out = out.clone();
+            chunks.push(part);
+        }
+        Ok(Self { chunks })
     }
 
+    fn shared_len(&self) -> usize {
+        self.chunks.first().map_or(0, |c| c.prefix.shared_len)
+    }
+
+    /// One forward over every chunk with the LoRA `b·(a·P)`, judged by
+    /// [`SetVerdict`]. The loss of every chunk but the last is
+    /// differentiated at once and its gradients (for `a`, `b`) are returned
+    /// summed, so that one chunk's graph is alive at a time; the last
+    /// chunk's loss, plus `extra(a_eff)` (the regularisers, added once), is
+    /// returned undifferentiated, so a step that turns out to be the last
+    /// costs no backward pass. `train_graph` false runs without recording
+    /// any graph (a check).
+    fn forward(
+        &self,
+        model: &LlamaModel,
+        a: &Var,
+        b: &Var,
+        effective_a: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+        extra: &dyn Fn(&Tensor) -> Result<Option<Tensor>, EditorError>,
+        train_graph: bool,
+    ) -> Result<(SetVerdict, Option<(Tensor, Tensor)>, Option<Tensor>), EditorError> {
+        let mut verdict = SetVerdict {
+            all_right: true,
+            ..SetVerdict::default()
+        };
+        let (mut target_sum, mut target_count) = (0f32, 0usize);
+        let mut summed: Option<(Tensor, Tensor)> = None;
+        let mut pending = None;
+        let last = self.chunks.len().saturating_sub(1);
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let (a_t, b_t) = if train_graph {
+                (a.as_tensor().clone(), b.as_tensor().clone())
+            } else {
+                (a.as_tensor().detach(), b.as_tensor().detach())
+            };
+            let a_eff = effective_a(&a_t)?;
+            let logits = chunk.logits(model, &a_eff, &b_t)?;
+            let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let picked = log_probs.gather(&chunk.labels, 1)?.squeeze(1)?;
+            let picked_vals = picked.to_vec1::<f32>()?;
+            let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            target_sum -= chunk.target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>();
+            target_count += chunk.target_rows.len();
+            verdict.all_right &= chunk
+                .target_rows
+                .iter()
+                .all(|&r| argmax[r] == chunk.local_labels[r]);
+            verdict.anchors_kept += chunk
+                .anchor_rows
+                .iter()
+                .filter(|&&r| argmax[r] == chunk.local_labels[r])
+                .count();
+            verdict.anchor_rows += chunk.anchor_rows.len();
+            verdict.slipped.extend(chunk.slipped_sequences(&logits)?);
+            if !train_graph {
+                continue;
+            }
+            let mut loss = (picked * &chunk.weights)?.sum_all()?.neg()?;
+            if c == last {
+                if let Some(term) = extra(&a_eff)? {
+                    loss = (loss + term)?;
+                }
+                pending = Some(loss);
+            } else {
+                let grads = backward_ab(&loss, a, b)?;
+                summed = Some(add_grads(summed, grads)?);
+            }
+        }
+        verdict.target_loss = target_sum / target_count.max(1) as f32;
+        verdict.slipped.dedup();
+        Ok((verdict, summed, pending))
+    }
+}
+
+/// The gradients of `loss` for the LoRA's two factors.
+fn backward_ab(loss: &Tensor, a: &Var, b: &Var) -> Result<(Tensor, Tensor), EditorError> {
+    let grads = loss.backward()?;
+    let grad_a = grads
+        .get(a.as_tensor())
+        .ok_or_else(|| EditorError::Model("no gradient reached the LoRA's A".into()))?
+        .clone();
+    let grad_b = grads
+        .get(b.as_tensor())
+        .ok_or_else(|| EditorError::Model("no gradient reached the LoRA's B".into()))?
+        .clone();
+    Ok((grad_a, grad_b))
+}
+
+fn add_grads(
+    sum: Option<(Tensor, Tensor)>,
+    (ga, gb): (Tensor, Tensor),
+) -> candle_core::Result<(Tensor, Tensor)> {
+    match sum {
+        None => Ok((ga, gb)),
+        Some((sa, sb)) => Ok(((sa + ga)?, (sb + gb)?)),
+    }
+}
+
+impl LossChunk {
     /// Logits over the candidate vocabulary with the LoRA `b·a` added at
     /// layer L: `[rows, candidates]`.
     fn logits(
@@ -446,7 +606,7 @@ impl LossSet {
 
     /// The sequences with an `exact` row whose label has lost its lead
     /// (below its margin floor, or no longer the argmax). `logits`: this
-    /// set's candidate logits.
+    /// chunk's candidate logits.
     fn slipped_sequences(&self, logits: &Tensor) -> Result<Vec<usize>, EditorError> {
         if self.exact_rows.is_empty() {
             return Ok(Vec::new());
@@ -489,6 +649,29 @@ pub fn train(
     projector: Option<&Tensor>,
     anchor_keys: Option<&AnchorKeys>,
     settings: &FtmSettings,
+    on_step: impl FnMut(usize, f32),
+) -> Result<FtmResult, EditorError> {
+    train_in_chunks(
+        model,
+        sequences,
+        projector,
+        anchor_keys,
+        settings,
+        LOSS_CHUNK,
+        on_step,
+    )
+}
+
+/// [`train`] with `chunk` sequences per forward and backward pass (the
+/// result is the same up to the order floating-point sums are taken in;
+/// `tests/editor.rs` checks that).
+pub fn train_in_chunks(
+    model: &LlamaModel,
+    sequences: &[TrainSequence],
+    projector: Option<&Tensor>,
+    anchor_keys: Option<&AnchorKeys>,
+    settings: &FtmSettings,
+    chunk: usize,
     mut on_step: impl FnMut(usize, f32),
 ) -> Result<FtmResult, EditorError> {
     if !sequences.iter().any(|s| s.is_target) {
@@ -502,8 +685,8 @@ pub fn train(
         .iter()
         .cloned()
         .partition(|s| s.exact && !s.is_target);
-    let mut set = LossSet::build(model, &trained, settings, usize::MAX)?;
-    let shared = set.prefix.shared_len;
+    let mut set = LossSet::build(model, &trained, settings, usize::MAX, chunk)?;
+    let shared = set.shared_len();
 
     // The edit never fires on the prefix every sequence shares (the system
     // prompt and chat template, which every conversation starts with): its
@@ -518,15 +701,17 @@ pub fn train(
             &identity
         }
     };
-    let (projector, _) = super::nullspace::exclude_key_rows(
-        base_projector,
-        &set.prefix.keys_shared.reshape((shared, n_in))?,
-    )?;
-    let projector = Some(&projector);
+    let keys_shared = set
+        .chunks
+        .first()
+        .map(|c| c.prefix.keys_shared.reshape((shared, n_in)))
+        .transpose()?
+        .ok_or_else(|| EditorError::Invalid("no training question".into()))?;
+    let (projector, _) = super::nullspace::exclude_key_rows(base_projector, &keys_shared)?;
     let watch = if watched.is_empty() {
         None
     } else {
-        Some(LossSet::build(model, &watched, settings, shared)?)
+        Some(LossSet::build(model, &watched, settings, shared, chunk)?)
     };
     let mut promoted = vec![false; watched.len()];
 
@@ -539,27 +724,20 @@ pub fn train(
     let mut adam_a = Adam::new(a.as_tensor())?;
     let mut adam_b = Adam::new(bm.as_tensor())?;
 
-    let effective_a = |a: &Tensor| -> candle_core::Result<Tensor> {
-        match projector {
-            Some(p) => a.matmul(p),
-            None => Ok(a.clone()),
-        }
-    };
-
-    let mut final_loss = f32::INFINITY;
-    let mut converged = false;
-    let mut steps = 0;
-    for step in 0..settings.max_steps {
-        let step_start = std::time::Instant::now();
-        let a_eff = effective_a(a.as_tensor())?;
-        let logits = set.logits(model, &a_eff, bm.as_tensor())?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_probs.gather(&set.labels, 1)?.squeeze(1)?;
-        let picked_vals = picked.to_vec1::<f32>()?;
-        let mut loss = (picked * &set.weights)?.sum_all()?.neg()?;
+    let effective_a = |a: &Tensor| -> candle_core::Result<Tensor> { a.matmul(&projector) };
+    // The regularisers, on the last chunk's graph (added once per step).
+    let regularisers = |a_eff: &Tensor| -> Result<Option<Tensor>, EditorError> {
+        let mut extra: Option<Tensor> = None;
+        let mut add = |term: Tensor| -> candle_core::Result<()> {
+            extra = Some(match extra.take() {
+                None => term,
+                Some(e) => (e + term)?,
+            });
+            Ok(())
+        };
         if settings.l2 > 0.0 {
-            let norm = bm.as_tensor().matmul(&a_eff)?.sqr()?.sum_all()?;
-            loss = (loss + (norm * settings.l2)?)?;
+            let norm = bm.as_tensor().matmul(a_eff)?.sqr()?.sum_all()?;
+            add((norm * settings.l2)?)?;
         }
         if let Some(anchor) = anchor_keys.filter(|_| settings.anchor_key_weight > 0.0) {
             let moved = anchor
@@ -569,49 +747,49 @@ pub fn train(
                 .sqr()?
                 .sum_all()?;
             let scale = settings.anchor_key_weight / anchor.base_energy as f64;
-            loss = (loss + (moved * scale)?)?;
+            add((moved * scale)?)?;
         }
+        Ok(extra)
+    };
+    let no_extra = |_: &Tensor| -> Result<Option<Tensor>, EditorError> { Ok(None) };
 
+    let mut final_loss = f32::INFINITY;
+    let mut converged = false;
+    let mut steps = 0;
+    for step in 0..settings.max_steps {
+        let step_start = std::time::Instant::now();
         // Convergence is judged on this step's forward, before updating.
-        let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let target_loss = -set.target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>()
-            / set.target_rows.len().max(1) as f32;
+        let (verdict, summed, pending) =
+            set.forward(model, &a, &bm, &effective_a, &regularisers, true)?;
+        let target_loss = verdict.target_loss;
         final_loss = target_loss;
         on_step(step, target_loss);
-        let all_right = set
-            .target_rows
-            .iter()
-            .all(|&r| argmax[r] == set.local_labels[r]);
         // Anchors must still produce their own answers too, or the edit is
         // spilling over onto other questions.
-        let anchors_kept = set
-            .anchor_rows
-            .iter()
-            .filter(|&&r| argmax[r] == set.local_labels[r])
-            .count();
-        let anchors_ok = anchors_kept as f64
-            >= settings.min_anchor_agreement * set.anchor_rows.len() as f64
-            && set.slipped_sequences(&logits)?.is_empty();
+        let anchors_ok = verdict.anchors_kept as f64
+            >= settings.min_anchor_agreement * verdict.anchor_rows as f64
+            && verdict.slipped.is_empty();
         tracing::debug!(
             step,
             target_loss,
-            anchors_kept,
-            anchors = set.anchor_rows.len(),
+            anchors_kept = verdict.anchors_kept,
+            anchors = verdict.anchor_rows,
+            chunks = set.chunks.len(),
             watched = promoted.iter().filter(|p| !**p).count(),
             ms = step_start.elapsed().as_millis() as u64,
             "ftm step"
         );
-        if all_right && anchors_ok && target_loss < settings.stop_loss {
+        if verdict.all_right && anchors_ok && target_loss < settings.stop_loss {
             let check_start = std::time::Instant::now();
             let moved: Vec<usize> = match &watch {
                 None => Vec::new(),
-                Some(w) => {
-                    let logits = w.logits(model, &a_eff.detach(), &bm.as_tensor().detach())?;
-                    w.slipped_sequences(&logits)?
-                        .into_iter()
-                        .filter(|&i| !promoted[i])
-                        .collect()
-                }
+                Some(w) => w
+                    .forward(model, &a, &bm, &effective_a, &no_extra, false)?
+                    .0
+                    .slipped
+                    .into_iter()
+                    .filter(|&i| !promoted[i])
+                    .collect(),
             };
             let check_ms = check_start.elapsed().as_millis() as u64;
             if moved.is_empty() {
@@ -631,18 +809,24 @@ pub fn train(
                 promoted[i] = true;
                 trained.push(watched[i].clone());
             }
-            set = LossSet::build(model, &trained, settings, shared)?;
+            set = LossSet::build(model, &trained, settings, shared, chunk)?;
         }
-        let grads = loss.backward()?;
-        let grad_a = grads
-            .get(a.as_tensor())
-            .ok_or_else(|| EditorError::Model("no gradient reached the LoRA's A".into()))?;
-        let grad_b = grads
-            .get(bm.as_tensor())
-            .ok_or_else(|| EditorError::Model("no gradient reached the LoRA's B".into()))?;
+        // This step's update is the gradient of the set it was judged on.
+        let last = pending
+            .map(|loss| backward_ab(&loss, &a, &bm))
+            .transpose()?;
+        let (grad_a, grad_b) = match (summed, last) {
+            (summed, Some(last)) => add_grads(summed, last)?,
+            (Some(summed), None) => summed,
+            (None, None) => {
+                return Err(EditorError::Model(
+                    "no gradient reached the LoRA (empty training set)".into(),
+                ))
+            }
+        };
         let lr = scheduled_lr(settings, step);
-        adam_a.step(&a, grad_a, lr)?;
-        adam_b.step(&bm, grad_b, lr)?;
+        adam_a.step(&a, &grad_a, lr)?;
+        adam_b.step(&bm, &grad_b, lr)?;
         tracing::trace!(
             step,
             ms = step_start.elapsed().as_millis() as u64,
