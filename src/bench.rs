@@ -110,9 +110,8 @@ pub fn adapter_overhead(
         }
         on_run(run + 1);
     }
-    let ratios = |v: &[Vec<f64>; 2]| -> Vec<f64> {
-        v[1].iter().zip(&v[0]).map(|(e, b)| e / b).collect()
-    };
+    let ratios =
+        |v: &[Vec<f64>; 2]| -> Vec<f64> { v[1].iter().zip(&v[0]).map(|(e, b)| e / b).collect() };
     let base = DecodeReport {
         adapter: None,
         ..report(engine, n_prompt, n_gen, &pp[0], &tg[0])

@@ -115,8 +115,7 @@ fn the_adapter_overhead_bench_alternates_base_and_adapter_runs() {
     assert!(write_adapter(&refs, "llama", "model", &path).unwrap());
     let mut rounds = Vec::new();
     let overhead =
-        imprint::bench::adapter_overhead(&mut engine, &path, 16, 4, 3, |r| rounds.push(r))
-            .unwrap();
+        imprint::bench::adapter_overhead(&mut engine, &path, 16, 4, 3, |r| rounds.push(r)).unwrap();
     assert_eq!(rounds, [1, 2, 3]);
     assert_eq!(overhead.base.adapter, None);
     assert_eq!(

@@ -606,10 +606,7 @@ fn training_in_chunks_gives_the_edit_of_one_batch() {
         );
     }
     let max_abs = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
-    for (name, x, y) in [
-        ("A", &whole.a, &chunked.a),
-        ("B", &whole.b, &chunked.b),
-    ] {
+    for (name, x, y) in [("A", &whole.a, &chunked.a), ("B", &whole.b, &chunked.b)] {
         let diff = x
             .iter()
             .zip(y.iter())

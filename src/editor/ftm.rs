@@ -292,7 +292,7 @@ fn lead(logits: &[f32], label: usize) -> f32 {
 /// speed and memory"). In chunks of this size, with the gradients added up,
 /// the graph of one chunk is alive at a time. A first attempt (the request's
 /// own questions, a handful of sequences) is a single chunk, as before.
-pub const LOSS_CHUNK: usize = 12;
+pub const LOSS_CHUNK: usize = 8;
 
 /// One set of sequences prepared for the loss, split into chunks that are
 /// differentiated one after another (see [`LOSS_CHUNK`]). Every chunk has
@@ -475,8 +475,7 @@ impl LossSet {
         let mut chunks = Vec::with_capacity(parts.len());
         for (mut part, labels) in parts {
             part.local_labels = labels.iter().map(|&t| position(t)).collect();
-            part.labels =
-                Tensor::from_vec(part.local_labels.clone(), (labels.len(), 1), &device)?;
+            part.labels = Tensor::from_vec(part.local_labels.clone(), (labels.len(), 1), &device)?;
             part.out = out.clone();
             chunks.push(part);
         }
@@ -524,7 +523,11 @@ impl LossSet {
             let picked = log_probs.gather(&chunk.labels, 1)?.squeeze(1)?;
             let picked_vals = picked.to_vec1::<f32>()?;
             let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            target_sum -= chunk.target_rows.iter().map(|&r| picked_vals[r]).sum::<f32>();
+            target_sum -= chunk
+                .target_rows
+                .iter()
+                .map(|&r| picked_vals[r])
+                .sum::<f32>();
             target_count += chunk.target_rows.len();
             verdict.all_right &= chunk
                 .target_rows
