@@ -502,7 +502,7 @@ impl LossSet {
         effective_a: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
         extra: &dyn Fn(&Tensor) -> Result<Option<Tensor>, EditorError>,
         train_graph: bool,
-    ) -> Result<(SetVerdict, Option<(Tensor, Tensor)>, Option<Tensor>), EditorError> {
+    ) -> Result<SetPass, EditorError> {
         let mut verdict = SetVerdict {
             all_right: true,
             ..SetVerdict::default()
@@ -556,8 +556,21 @@ impl LossSet {
         }
         verdict.target_loss = target_sum / target_count.max(1) as f32;
         verdict.slipped.dedup();
-        Ok((verdict, summed, pending))
+        Ok(SetPass {
+            verdict,
+            summed_grads: summed,
+            last_loss: pending,
+        })
     }
+}
+
+/// What one [`LossSet::forward`] returns: the verdict, the summed (a, b)
+/// gradients of every chunk but the last (None with one chunk or no
+/// graph), and the last chunk's loss, not yet differentiated.
+struct SetPass {
+    verdict: SetVerdict,
+    summed_grads: Option<(Tensor, Tensor)>,
+    last_loss: Option<Tensor>,
 }
 
 /// The gradients of `loss` for the LoRA's two factors.
@@ -762,8 +775,11 @@ pub fn train_in_chunks(
     for step in 0..settings.max_steps {
         let step_start = std::time::Instant::now();
         // Convergence is judged on this step's forward, before updating.
-        let (verdict, summed, pending) =
-            set.forward(model, &a, &bm, &effective_a, &regularisers, true)?;
+        let SetPass {
+            verdict,
+            summed_grads: summed,
+            last_loss: pending,
+        } = set.forward(model, &a, &bm, &effective_a, &regularisers, true)?;
         let target_loss = verdict.target_loss;
         final_loss = target_loss;
         on_step(step, target_loss);
@@ -788,7 +804,7 @@ pub fn train_in_chunks(
                 None => Vec::new(),
                 Some(w) => w
                     .forward(model, &a, &bm, &effective_a, &no_extra, false)?
-                    .0
+                    .verdict
                     .slipped
                     .into_iter()
                     .filter(|&i| !promoted[i])
