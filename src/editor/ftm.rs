@@ -508,8 +508,8 @@ impl LossSet {
             ..SetVerdict::default()
         };
         let (mut target_sum, mut target_count) = (0f32, 0usize);
-        let mut summed: Option<(Tensor, Tensor)> = None;
-        let mut pending = None;
+        let mut summed_grads: Option<(Tensor, Tensor)> = None;
+        let mut last_loss = None;
         let last = self.chunks.len().saturating_sub(1);
         for (c, chunk) in self.chunks.iter().enumerate() {
             let (a_t, b_t) = if train_graph {
@@ -548,18 +548,18 @@ impl LossSet {
                 if let Some(term) = extra(&a_eff)? {
                     loss = (loss + term)?;
                 }
-                pending = Some(loss);
+                last_loss = Some(loss);
             } else {
                 let grads = backward_ab(&loss, a, b)?;
-                summed = Some(add_grads(summed, grads)?);
+                summed_grads = Some(add_grads(summed_grads, grads)?);
             }
         }
         verdict.target_loss = target_sum / target_count.max(1) as f32;
         verdict.slipped.dedup();
         Ok(SetPass {
             verdict,
-            summed_grads: summed,
-            last_loss: pending,
+            summed_grads,
+            last_loss,
         })
     }
 }
@@ -777,8 +777,8 @@ pub fn train_in_chunks(
         // Convergence is judged on this step's forward, before updating.
         let SetPass {
             verdict,
-            summed_grads: summed,
-            last_loss: pending,
+            summed_grads,
+            last_loss,
         } = set.forward(model, &a, &bm, &effective_a, &regularisers, true)?;
         let target_loss = verdict.target_loss;
         final_loss = target_loss;
@@ -831,10 +831,10 @@ pub fn train_in_chunks(
             set = LossSet::build(model, &trained, settings, shared, chunk)?;
         }
         // This step's update is the gradient of the set it was judged on.
-        let last = pending
+        let last = last_loss
             .map(|loss| backward_ab(&loss, &a, &bm))
             .transpose()?;
-        let (grad_a, grad_b) = match (summed, last) {
+        let (grad_a, grad_b) = match (summed_grads, last) {
             (summed, Some(last)) => add_grads(summed, last)?,
             (Some(summed), None) => summed,
             (None, None) => {
