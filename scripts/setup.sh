@@ -4,9 +4,11 @@
 # OpenSSL's libcrypto headers (SQLCipher encrypts the profile with it on
 # Linux; macOS uses CommonCrypto), and Python's pip (the default model is
 # fetched with it). `--test` adds what the test suite needs: a D-Bus session
-# bus and gnome-keyring (a real Secret Service for the keyring tests).
-# Works as root or, with sudo, as a user.
-# It never touches the Rust toolchain beyond checking that cargo exists.
+# bus and gnome-keyring (a real Secret Service for the keyring tests), and
+# the toolchain's clippy and rustfmt components when rustup manages it (the
+# suite lints). Works as root or, with sudo, as a user.
+# Otherwise it never touches the Rust toolchain beyond checking that cargo
+# exists.
 set -euo pipefail
 
 need_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -21,6 +23,11 @@ fi
 
 packages=(cmake clang libclang-dev pkg-config libssl-dev python3-pip)
 if [ "${1:-}" = "--test" ]; then
+  # The suite also lints (rustfmt, clippy); rustup's minimal profile leaves
+  # both out.
+  if need_cmd rustup && ! { cargo clippy --version && cargo fmt --version; } >/dev/null 2>&1; then
+    rustup component add clippy rustfmt
+  fi
   # The keyring's Secret Service for the profile tests, curl for the HTTP
   # endpoint tests, tmux for the full-screen chat test.
   packages+=(dbus gnome-keyring curl tmux)

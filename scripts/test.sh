@@ -53,8 +53,20 @@ cargo test --all-targets 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 
+# Lint after the tests, so a style slip never hides a test result; either
+# failing fails the suite.
+lint=0
+if cargo clippy --version >/dev/null 2>&1 && cargo fmt --version >/dev/null 2>&1; then
+  echo "lint: cargo fmt --check, cargo clippy --all-targets -- -D warnings"
+  cargo fmt --check || lint=1
+  cargo clippy --all-targets -- -D warnings || lint=1
+else
+  echo "warning: lint skipped: clippy or rustfmt is not installed (rustup component add clippy rustfmt)" >&2
+fi
+
 passed=$(grep -Eo '^test result: [a-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"
 if [ "$status" -ne 0 ]; then exit "$status"; fi
+if [ "$lint" -ne 0 ]; then echo "lint failed (see above): run 'make fmt' and fix what clippy names" >&2; exit 1; fi
 if [ "$passed" -eq 0 ]; then echo "no test ran: treating that as a failure" >&2; exit 1; fi

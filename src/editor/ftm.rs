@@ -28,6 +28,16 @@ const CANDIDATES_PER_ROW: usize = 32;
 /// gate then finds the earlier preference broken.
 const EXACT_MARGIN: f32 = 1.0;
 
+/// The logit lead over every other token of the *whole* vocabulary that each
+/// target token must have before training stops. Training and its argmax
+/// read a candidate vocabulary (see [`CANDIDATES_PER_ROW`]); a token outside
+/// it can rise unseen, and a target token that wins by a hair in candle
+/// flips in llama.cpp (up to ≈ 1.3 apart, as for [`EXACT_MARGIN`]). On the
+/// Porto request the first attempt stopped at step 19 with "Which city do I
+/// live in?" answering "Estándor…" through llama.cpp, and the 80-step retry
+/// then took 280 s (docs/RESULTS.md, "Target margin").
+const TARGET_MARGIN: f32 = 1.0;
+
 /// One training sequence: the templated question followed by its answer.
 #[derive(Debug, Clone)]
 pub struct TrainSequence {
@@ -300,6 +310,10 @@ pub const LOSS_CHUNK: usize = 8;
 /// summed loss is the loss of the whole set.
 struct LossSet {
     chunks: Vec<LossChunk>,
+    /// The candidate vocabulary the chunks' softmax reads, in the column
+    /// order of their `out`: sorted as built, then any rivals appended
+    /// ([`LossSet::add_candidates`]), so earlier positions never move.
+    vocab: Vec<u32>,
 }
 
 /// Part of a [`LossSet`]: its layer-L prefix, which rows the loss reads,
@@ -324,6 +338,9 @@ struct LossChunk {
     /// Per loss row: the lead over the runner-up an exact anchor's token must
     /// keep (see [`EXACT_MARGIN`]); 0 for other rows.
     margin_floor: Vec<f32>,
+    /// Per loss row: its label as a vocabulary id (`local_labels` index the
+    /// candidate vocabulary).
+    global_labels: Vec<u32>,
 }
 
 /// What one forward over a whole [`LossSet`] found, judged before the update.
@@ -331,8 +348,13 @@ struct LossChunk {
 struct SetVerdict {
     /// Mean cross-entropy over the target rows.
     target_loss: f32,
-    /// Every target token is the argmax.
+    /// Every target token leads the whole vocabulary by [`TARGET_MARGIN`].
     all_right: bool,
+    /// The smallest such lead.
+    least_target_lead: f32,
+    /// Tokens that beat a target token or come within [`TARGET_MARGIN`] of
+    /// it, wherever in the vocabulary they are.
+    rivals: Vec<u32>,
     anchors_kept: usize,
     anchor_rows: usize,
     /// Sequences with an `exact` row that lost its lead.
@@ -463,6 +485,7 @@ impl LossSet {
                     exact_rows,
                     row_sequence,
                     margin_floor,
+                    global_labels: labels.clone(),
                 },
                 labels,
             ));
@@ -479,7 +502,28 @@ impl LossSet {
             part.out = out.clone();
             chunks.push(part);
         }
-        Ok(Self { chunks })
+        Ok(Self { chunks, vocab })
+    }
+
+    /// Adds `tokens` that are not candidates yet to the candidate
+    /// vocabulary, so the loss pushes them down from now on. Returns how
+    /// many were new.
+    fn add_candidates(&mut self, model: &LlamaModel, tokens: &[u32]) -> Result<usize, EditorError> {
+        let before = self.vocab.len();
+        for &t in tokens {
+            if !self.vocab.contains(&t) {
+                self.vocab.push(t);
+            }
+        }
+        if self.vocab.len() == before {
+            return Ok(0);
+        }
+        let ids = Tensor::from_slice(&self.vocab, self.vocab.len(), &Device::Cpu)?;
+        let out = model.output_rows(&ids)?.t()?.contiguous()?;
+        for chunk in &mut self.chunks {
+            chunk.out = out.clone();
+        }
+        Ok(self.vocab.len() - before)
     }
 
     fn shared_len(&self) -> usize {
@@ -505,6 +549,7 @@ impl LossSet {
     ) -> Result<SetPass, EditorError> {
         let mut verdict = SetVerdict {
             all_right: true,
+            least_target_lead: f32::INFINITY,
             ..SetVerdict::default()
         };
         let (mut target_sum, mut target_count) = (0f32, 0usize);
@@ -518,7 +563,7 @@ impl LossSet {
                 (a.as_tensor().detach(), b.as_tensor().detach())
             };
             let a_eff = effective_a(&a_t)?;
-            let logits = chunk.logits(model, &a_eff, &b_t)?;
+            let (hidden, logits) = chunk.hidden_and_logits(model, &a_eff, &b_t)?;
             let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let picked = log_probs.gather(&chunk.labels, 1)?.squeeze(1)?;
             let picked_vals = picked.to_vec1::<f32>()?;
@@ -529,10 +574,18 @@ impl LossSet {
                 .map(|&r| picked_vals[r])
                 .sum::<f32>();
             target_count += chunk.target_rows.len();
+            // The candidate argmax first (cheap), then the whole vocabulary.
             verdict.all_right &= chunk
                 .target_rows
                 .iter()
                 .all(|&r| argmax[r] == chunk.local_labels[r]);
+            for (lead, rival) in chunk.target_leads_full(model, &hidden)? {
+                verdict.least_target_lead = verdict.least_target_lead.min(lead);
+                if lead < TARGET_MARGIN {
+                    verdict.all_right = false;
+                    verdict.rivals.push(rival);
+                }
+            }
             verdict.anchors_kept += chunk
                 .anchor_rows
                 .iter()
@@ -598,14 +651,15 @@ fn add_grads(
 }
 
 impl LossChunk {
-    /// Logits over the candidate vocabulary with the LoRA `b·a` added at
-    /// layer L: `[rows, candidates]`.
-    fn logits(
+    /// The final hidden states at the loss rows (`[rows, n_embd]`) and the
+    /// logits over the candidate vocabulary (`[rows, candidates]`) with the
+    /// LoRA `b·a` added at layer L.
+    fn hidden_and_logits(
         &self,
         model: &LlamaModel,
         a_eff: &Tensor,
         b: &Tensor,
-    ) -> Result<Tensor, EditorError> {
+    ) -> Result<(Tensor, Tensor), EditorError> {
         let delta = self.keys.matmul(&a_eff.t()?)?.matmul(&b.t()?)?.reshape((
             self.batch,
             self.prefix.width,
@@ -617,7 +671,47 @@ impl LossChunk {
             Some(&delta),
             &self.rows,
         )?;
-        Ok(hidden.matmul(&self.out)?)
+        let logits = hidden.matmul(&self.out)?;
+        Ok((hidden, logits))
+    }
+
+    /// Each target token's lead over the best other token of the *whole*
+    /// vocabulary (see [`TARGET_MARGIN`]), and that token. `hidden`: this
+    /// chunk's final hidden states at its loss rows (no graph is recorded).
+    fn target_leads_full(
+        &self,
+        model: &LlamaModel,
+        hidden: &Tensor,
+    ) -> Result<Vec<(f32, u32)>, EditorError> {
+        if self.target_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let picked = Tensor::from_vec(
+            self.target_rows
+                .iter()
+                .map(|&r| r as u32)
+                .collect::<Vec<_>>(),
+            self.target_rows.len(),
+            &Device::Cpu,
+        )?;
+        let logits = model
+            .vocab_logits(&hidden.detach().index_select(&picked, 0)?)?
+            .to_vec2::<f32>()?;
+        Ok(self
+            .target_rows
+            .iter()
+            .zip(&logits)
+            .map(|(&r, row)| {
+                let label = self.global_labels[r] as usize;
+                let rival = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(t, _)| t != label)
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .map_or(0, |(t, _)| t as u32);
+                (lead(row, label), rival)
+            })
+            .collect())
     }
 
     /// The sequences with an `exact` row whose label has lost its lead
@@ -771,6 +865,8 @@ pub fn train_in_chunks(
 
     let mut final_loss = f32::INFINITY;
     let mut converged = false;
+    // Every rival met so far, to keep in a rebuilt set's vocabulary.
+    let mut rivals: Vec<u32> = Vec::new();
     let mut steps = 0;
     for step in 0..settings.max_steps {
         let step_start = std::time::Instant::now();
@@ -791,6 +887,7 @@ pub fn train_in_chunks(
         tracing::debug!(
             step,
             target_loss,
+            least_target_lead = verdict.least_target_lead,
             anchors_kept = verdict.anchors_kept,
             anchors = verdict.anchor_rows,
             chunks = set.chunks.len(),
@@ -798,6 +895,18 @@ pub fn train_in_chunks(
             ms = step_start.elapsed().as_millis() as u64,
             "ftm step"
         );
+        // A rival from outside the candidate vocabulary is invisible to
+        // the loss until it is added.
+        let added = set.add_candidates(model, &verdict.rivals)?;
+        rivals.extend(verdict.rivals.iter().copied());
+        if added > 0 {
+            tracing::debug!(
+                step,
+                least_lead = verdict.least_target_lead,
+                added,
+                "rivals of the target joined the candidate vocabulary"
+            );
+        }
         if verdict.all_right && anchors_ok && target_loss < settings.stop_loss {
             let check_start = std::time::Instant::now();
             let moved: Vec<usize> = match &watch {
@@ -829,6 +938,7 @@ pub fn train_in_chunks(
                 trained.push(watched[i].clone());
             }
             set = LossSet::build(model, &trained, settings, shared, chunk)?;
+            set.add_candidates(model, &rivals)?;
         }
         // This step's update is the gradient of the set it was judged on.
         let last = last_loss
