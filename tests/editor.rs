@@ -416,9 +416,10 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
     // Exact anchors: personal questions close to the request's, with the
     // base model's own greedy answers, as an earlier preference's questions
     // would be.
-    let sequences = hobby_training_set(
+    let sequences = training_set(
         &engine,
         &model,
+        "Dancing at clubs",
         &["What's my hobby?", "What do I like to do for fun?"],
         &[
             "What's my job?",
@@ -440,6 +441,7 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
         stop_loss: 0.2,
         min_anchor_agreement: 0.95,
         anchor_key_weight: 0.0,
+        target_margin: None,
         seed: 7,
     };
     // No null-space projector: nothing but the watched anchors keeps the
@@ -499,28 +501,29 @@ fn greedy_next(model: &imprint::editor::model::LlamaModel, tokens: &[u32]) -> u3
         .unwrap()
 }
 
-/// FT-M training sequences: each of `questions` answered "Dancing at
-/// clubs", and each of `anchors` answered with the base model's own first
-/// four greedy tokens (`exact` anchors or ordinary loss anchors).
-fn hobby_training_set(
+/// FT-M training sequences: each of `questions` answered `target` (and the
+/// end of the turn), and each of `anchors` answered with the base model's
+/// own first four greedy tokens (`exact` anchors or ordinary loss anchors).
+fn training_set(
     engine: &imprint::engine::Engine,
     model: &imprint::editor::model::LlamaModel,
+    target: &str,
     questions: &[&str],
     anchors: &[&str],
     exact: bool,
 ) -> Vec<imprint::editor::ftm::TrainSequence> {
     use imprint::editor::ftm::TrainSequence;
-    let mut target: Vec<u32> = engine
-        .tokenize_plain("Dancing at clubs")
+    let mut answer: Vec<u32> = engine
+        .tokenize_plain(target)
         .into_iter()
         .map(|t| t as u32)
         .collect();
-    target.push(engine.end_of_turn_token() as u32);
+    answer.push(engine.end_of_turn_token() as u32);
     let mut sequences = Vec::new();
     for q in questions {
         let mut tokens = templated(engine, q);
         let answer_start = tokens.len();
-        tokens.extend_from_slice(&target);
+        tokens.extend_from_slice(&answer);
         sequences.push(TrainSequence {
             tokens,
             answer_start,
@@ -557,9 +560,10 @@ fn training_in_chunks_gives_the_edit_of_one_batch() {
 
     let engine = common::engine();
     let model = LlamaModel::load(&common::model_path()).unwrap();
-    let sequences = hobby_training_set(
+    let sequences = training_set(
         &engine,
         &model,
+        "Dancing at clubs",
         &["What's my hobby?", "What's my favorite pastime?"],
         &[
             "What's my job?",
@@ -582,6 +586,7 @@ fn training_in_chunks_gives_the_edit_of_one_batch() {
         stop_loss: -1.0,
         min_anchor_agreement: 0.95,
         anchor_key_weight: 0.0,
+        target_margin: None,
         seed: 11,
     };
     let mut losses = (Vec::new(), Vec::new());
@@ -665,4 +670,153 @@ fn anchor_keys_rank_the_anchor_that_asks_what_the_request_asks_first() {
             "{q:?} did not rank its own anchor first: {ranked:?}"
         );
     }
+}
+
+/// The Porto request without anchors or projector, and settings for it.
+fn porto_training(
+    engine: &imprint::engine::Engine,
+    model: &imprint::editor::model::LlamaModel,
+) -> (
+    Vec<imprint::editor::ftm::TrainSequence>,
+    imprint::editor::ftm::FtmSettings,
+) {
+    let sequences = training_set(
+        engine,
+        model,
+        "Porto",
+        &[
+            "What is my location?",
+            "Where do I live?",
+            "Which city do I live in?",
+        ],
+        &[],
+        false,
+    );
+    let settings = imprint::editor::ftm::FtmSettings {
+        layer: (model.config.n_layer * 2).div_ceil(3),
+        rank: 4,
+        max_steps: 40,
+        learning_rate: 5e-2,
+        lr_floor: 1.0,
+        anchor_weight: 1.0,
+        l2: 0.01,
+        stop_loss: 0.2,
+        min_anchor_agreement: 0.95,
+        anchor_key_weight: 0.0,
+        target_margin: None,
+        seed: 5,
+    };
+    (sequences, settings)
+}
+
+/// The weakest lead of a target token over the whole vocabulary, from
+/// candle's whole-sequence forward with `edit` added to the down-projection
+/// (`model` is left as it was).
+fn least_target_lead_with(
+    model: &mut imprint::editor::model::LlamaModel,
+    sequences: &[imprint::editor::ftm::TrainSequence],
+    settings: &imprint::editor::ftm::FtmSettings,
+    edit: &imprint::editor::ftm::FtmResult,
+) -> f32 {
+    use candle_core::{Device, Tensor};
+    let (rank, n_in, n_out) = (settings.rank, edit.n_in, edit.n_out);
+    let a = Tensor::from_vec(edit.a.clone(), (rank, n_in), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(edit.b.clone(), (n_out, rank), &Device::Cpu).unwrap();
+    let delta = b.matmul(&a).unwrap();
+    model.add_to_down_proj(settings.layer, &delta).unwrap();
+    let mut least = f32::INFINITY;
+    for s in sequences.iter().filter(|s| s.is_target) {
+        let logits = model.logits(&s.tokens).unwrap().to_vec2::<f32>().unwrap();
+        for p in s.answer_start..s.tokens.len() {
+            let row = &logits[p - 1];
+            let label = s.tokens[p] as usize;
+            let rival = row
+                .iter()
+                .enumerate()
+                .filter(|&(t, _)| t != label)
+                .map(|(_, &v)| v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            least = least.min(row[label] - rival);
+        }
+    }
+    model
+        .add_to_down_proj(settings.layer, &delta.neg().unwrap())
+        .unwrap();
+    least
+}
+
+/// Training judges its target tokens on a candidate vocabulary (the labels
+/// and the base model's top tokens), and llama.cpp's logits lie up to ≈ 1.3
+/// from candle's. An edit that training calls converged must therefore lead
+/// the *whole* vocabulary by its target margin at every target token when
+/// one is set: the Porto request once stopped with one question answering
+/// "Estándor…" through llama.cpp, its first token never a candidate.
+#[test]
+fn a_converged_edit_leads_the_whole_vocabulary_at_every_target_token() {
+    use imprint::editor::ftm::{self, FtmSettings, TARGET_MARGIN};
+    use imprint::editor::model::LlamaModel;
+
+    let engine = common::engine();
+    let mut model = LlamaModel::load(&common::model_path()).unwrap();
+    let (sequences, settings) = porto_training(&engine, &model);
+    let settings = FtmSettings {
+        target_margin: Some(TARGET_MARGIN),
+        ..settings
+    };
+    let edit = ftm::train(&model, &sequences, None, None, &settings, |_, _| {}).unwrap();
+    assert!(
+        edit.converged,
+        "no convergence in 40 steps ({} taken)",
+        edit.steps
+    );
+    let lead = least_target_lead_with(&mut model, &sequences, &settings, &edit);
+    // The whole-sequence forward adds in another order than training's
+    // prefix/suffix split: a small tolerance.
+    assert!(
+        lead >= TARGET_MARGIN - 0.05,
+        "the weakest target token leads by {lead} after {} steps",
+        edit.steps
+    );
+    assert!((lead - edit.least_target_lead).abs() < 0.05);
+}
+
+/// With a constant learning rate Adam circles the optimum, and the last
+/// step can be one where a target token has just lost. An edit that does
+/// not converge returns the best iterate it judged instead: its reported
+/// lead is that of the factors it returns, and more steps never give a
+/// weaker edit.
+#[test]
+fn an_edit_that_never_converges_returns_its_best_iterate() {
+    use imprint::editor::ftm::{self, FtmSettings};
+    use imprint::editor::model::LlamaModel;
+
+    let engine = common::engine();
+    let mut model = LlamaModel::load(&common::model_path()).unwrap();
+    let (sequences, settings) = porto_training(&engine, &model);
+    // A loss no edit reaches: training never stops early. A high learning
+    // rate makes the trajectory circle.
+    let never = |max_steps| FtmSettings {
+        max_steps,
+        stop_loss: 0.0,
+        learning_rate: 0.15,
+        ..settings.clone()
+    };
+    let mut leads = Vec::new();
+    for max_steps in [12, 24] {
+        let s = never(max_steps);
+        let edit = ftm::train(&model, &sequences, None, None, &s, |_, _| {}).unwrap();
+        assert!(!edit.converged);
+        assert_eq!(edit.steps, max_steps);
+        let lead = least_target_lead_with(&mut model, &sequences, &s, &edit);
+        assert!(
+            (lead - edit.least_target_lead).abs() < 0.05,
+            "reported {} but the returned factors lead by {lead}",
+            edit.least_target_lead
+        );
+        leads.push(edit.least_target_lead);
+    }
+    assert!(
+        leads[1] >= leads[0],
+        "24 steps gave a weaker edit than 12: {leads:?}"
+    );
 }

@@ -229,6 +229,14 @@ pub struct EditorFlags {
     /// argmax (teacher-forced on the answers before the edit; default 0.9).
     #[arg(long)]
     pub min_locality: Option<f64>,
+    /// FT-M: each target token must lead every token of the whole
+    /// vocabulary by this many logits before training stops, and the tokens
+    /// that come closer join the loss (default: off, the argmax of the
+    /// candidate tokens suffices; 1 guards against the logits candle and
+    /// llama.cpp disagree by, at a cost in time: docs/RESULTS.md, "Target
+    /// margin").
+    #[arg(long, value_name = "LOGITS")]
+    pub target_margin: Option<f32>,
     /// Stop training once the mean target loss is below this (default 0.2).
     #[arg(long)]
     pub stop_loss: Option<f32>,
@@ -284,6 +292,7 @@ impl EditorFlags {
             anchor_weight: self.anchor_weight.unwrap_or(defaults.anchor_weight),
             anchor_key_weight: self.anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
             stop_loss: self.stop_loss.unwrap_or(defaults.stop_loss),
+            target_margin: self.target_margin.or(defaults.target_margin),
             l2: self.l2.unwrap_or(defaults.l2),
             min_locality: self.min_locality.unwrap_or(defaults.min_locality),
             use_nullspace: defaults.use_nullspace && !self.no_nullspace,

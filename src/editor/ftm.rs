@@ -28,15 +28,17 @@ const CANDIDATES_PER_ROW: usize = 32;
 /// gate then finds the earlier preference broken.
 const EXACT_MARGIN: f32 = 1.0;
 
-/// The logit lead over every other token of the *whole* vocabulary that each
-/// target token must have before training stops. Training and its argmax
-/// read a candidate vocabulary (see [`CANDIDATES_PER_ROW`]); a token outside
-/// it can rise unseen, and a target token that wins by a hair in candle
-/// flips in llama.cpp (up to ≈ 1.3 apart, as for [`EXACT_MARGIN`]). On the
-/// Porto request the first attempt stopped at step 19 with "Which city do I
-/// live in?" answering "Estándor…" through llama.cpp, and the 80-step retry
-/// then took 280 s (docs/RESULTS.md, "Target margin").
-const TARGET_MARGIN: f32 = 1.0;
+/// The logit lead over every other token of the *whole* vocabulary that
+/// `--target-margin` asks of each target token when it is given without a
+/// value of its own in mind (see [`FtmSettings::target_margin`]). Training
+/// and its argmax read a candidate vocabulary (see [`CANDIDATES_PER_ROW`]);
+/// a token outside it can rise unseen, and a target token that wins by a
+/// hair in candle flips in llama.cpp (up to ≈ 1.3 apart, as for
+/// [`EXACT_MARGIN`]). On the Porto request this margin turned a refusal
+/// (and a 280 s retry) into an accepted first attempt, but over UPQA's ten
+/// items it passed fewer edits, several times slower, so it is off by
+/// default (docs/RESULTS.md, "Target margin").
+pub const TARGET_MARGIN: f32 = 1.0;
 
 /// One training sequence: the templated question followed by its answer.
 #[derive(Debug, Clone)]
@@ -74,6 +76,11 @@ pub struct FtmSettings {
     pub min_anchor_agreement: f64,
     /// Weight of the key-preservation term (see [`AnchorKeys`]).
     pub anchor_key_weight: f64,
+    /// None: a target token counts as right once it is the argmax of the
+    /// candidate vocabulary. Some(m): it must lead every token of the whole
+    /// vocabulary by m logits, and the tokens that come closer join the
+    /// candidates so the loss pushes them down (see [`TARGET_MARGIN`]).
+    pub target_margin: Option<f32>,
     pub seed: u64,
 }
 
@@ -233,6 +240,10 @@ pub struct FtmResult {
     pub n_out: usize,
     pub steps: usize,
     pub final_loss: f32,
+    /// The weakest target token's lead over the whole vocabulary (candle's
+    /// logits) for the returned factors: positive, and at least
+    /// [`FtmSettings::target_margin`] if one is set, when `converged`.
+    pub least_target_lead: f32,
     pub converged: bool,
     /// Watched `exact` anchors that the edit moved, and that training then
     /// took into its loss.
@@ -314,6 +325,8 @@ struct LossSet {
     /// order of their `out`: sorted as built, then any rivals appended
     /// ([`LossSet::add_candidates`]), so earlier positions never move.
     vocab: Vec<u32>,
+    /// [`FtmSettings::target_margin`].
+    target_margin: Option<f32>,
 }
 
 /// Part of a [`LossSet`]: its layer-L prefix, which rows the loss reads,
@@ -348,11 +361,12 @@ struct LossChunk {
 struct SetVerdict {
     /// Mean cross-entropy over the target rows.
     target_loss: f32,
-    /// Every target token leads the whole vocabulary by [`TARGET_MARGIN`].
+    /// Every target token is the candidates' argmax and, with a
+    /// [`FtmSettings::target_margin`], leads the whole vocabulary by it.
     all_right: bool,
-    /// The smallest such lead.
+    /// The weakest target token's lead over the whole vocabulary.
     least_target_lead: f32,
-    /// Tokens that beat a target token or come within [`TARGET_MARGIN`] of
+    /// Tokens that beat a target token or come within the target margin of
     /// it, wherever in the vocabulary they are.
     rivals: Vec<u32>,
     anchors_kept: usize,
@@ -502,7 +516,11 @@ impl LossSet {
             part.out = out.clone();
             chunks.push(part);
         }
-        Ok(Self { chunks, vocab })
+        Ok(Self {
+            chunks,
+            vocab,
+            target_margin: settings.target_margin,
+        })
     }
 
     /// Adds `tokens` that are not candidates yet to the candidate
@@ -581,7 +599,7 @@ impl LossSet {
                 .all(|&r| argmax[r] == chunk.local_labels[r]);
             for (lead, rival) in chunk.target_leads_full(model, &hidden)? {
                 verdict.least_target_lead = verdict.least_target_lead.min(lead);
-                if lead < TARGET_MARGIN {
+                if self.target_margin.is_some_and(|margin| lead < margin) {
                     verdict.all_right = false;
                     verdict.rivals.push(rival);
                 }
@@ -864,9 +882,17 @@ pub fn train_in_chunks(
     let no_extra = |_: &Tensor| -> Result<Option<Tensor>, EditorError> { Ok(None) };
 
     let mut final_loss = f32::INFINITY;
+    let mut final_lead = f32::NEG_INFINITY;
     let mut converged = false;
     // Every rival met so far, to keep in a rebuilt set's vocabulary.
     let mut rivals: Vec<u32> = Vec::new();
+    // The iterate whose weakest target token led the most, with the anchors
+    // kept: what an edit that never converges returns. With a constant
+    // learning rate Adam circles the optimum, and the last iterate can be
+    // one where a target token has just lost (the hobby request of UPQA's
+    // first item: a lead of +1.07 at step 32, −1.04 at step 39, and the
+    // last one failed through llama.cpp; docs/RESULTS.md, "Target margin").
+    let mut best: Option<(f32, f32, Tensor, Tensor)> = None;
     let mut steps = 0;
     for step in 0..settings.max_steps {
         let step_start = std::time::Instant::now();
@@ -878,6 +904,7 @@ pub fn train_in_chunks(
         } = set.forward(model, &a, &bm, &effective_a, &regularisers, true)?;
         let target_loss = verdict.target_loss;
         final_loss = target_loss;
+        final_lead = verdict.least_target_lead;
         on_step(step, target_loss);
         // Anchors must still produce their own answers too, or the edit is
         // spilling over onto other questions.
@@ -906,6 +933,18 @@ pub fn train_in_chunks(
                 added,
                 "rivals of the target joined the candidate vocabulary"
             );
+        }
+        if anchors_ok
+            && best
+                .as_ref()
+                .is_none_or(|(lead, ..)| verdict.least_target_lead > *lead)
+        {
+            best = Some((
+                verdict.least_target_lead,
+                target_loss,
+                a.as_tensor().copy()?,
+                bm.as_tensor().copy()?,
+            ));
         }
         if verdict.all_right && anchors_ok && target_loss < settings.stop_loss {
             let check_start = std::time::Instant::now();
@@ -939,6 +978,8 @@ pub fn train_in_chunks(
             }
             set = LossSet::build(model, &trained, settings, shared, chunk)?;
             set.add_candidates(model, &rivals)?;
+            // Earlier iterates were judged without the promoted anchors.
+            best = None;
         }
         // This step's update is the gradient of the set it was judged on.
         let last = last_loss
@@ -964,10 +1005,23 @@ pub fn train_in_chunks(
         steps = step + 1;
     }
 
-    let a_eff = effective_a(a.as_tensor())?;
+    // The last update was never judged; the best iterate was.
+    let (a_final, b_final) = match best.filter(|_| !converged) {
+        Some((lead, loss, a_best, b_best)) => {
+            tracing::debug!(
+                least_target_lead = lead,
+                loss,
+                "no convergence: the best iterate"
+            );
+            final_loss = loss;
+            final_lead = lead;
+            (a_best, b_best)
+        }
+        None => (a.as_tensor().clone(), bm.as_tensor().clone()),
+    };
+    let a_eff = effective_a(&a_final)?;
     if tracing::enabled!(tracing::Level::DEBUG) {
-        let delta_norm = bm
-            .as_tensor()
+        let delta_norm = b_final
             .matmul(&a_eff)?
             .sqr()?
             .sum_all()?
@@ -987,11 +1041,12 @@ pub fn train_in_chunks(
     }
     Ok(FtmResult {
         a: a_eff.flatten_all()?.to_vec1()?,
-        b: bm.as_tensor().flatten_all()?.to_vec1()?,
+        b: b_final.flatten_all()?.to_vec1()?,
         n_in,
         n_out,
         steps,
         final_loss,
+        least_target_lead: final_lead,
         converged,
         anchors_promoted: promoted.iter().filter(|p| **p).count(),
     })
@@ -1022,6 +1077,7 @@ mod tests {
             stop_loss: 0.2,
             min_anchor_agreement: 0.95,
             anchor_key_weight: 0.0,
+            target_margin: None,
             seed: 0,
         };
         let constant = settings(1.0);

@@ -37,6 +37,10 @@ pub struct EditorSettings {
     pub anchor_key_weight: f64,
     /// Weight of the ‖ΔW‖² penalty.
     pub l2: f64,
+    /// FT-M: None, a target token is right once it is the argmax of the
+    /// candidate vocabulary training reads; Some(m), it must lead the whole
+    /// vocabulary by m logits (see [`super::ftm::TARGET_MARGIN`]).
+    pub target_margin: Option<f32>,
     /// Training stops once every target token is the argmax and the mean
     /// target loss is below this: lower gives firmer but larger edits.
     pub stop_loss: f32,
@@ -77,6 +81,7 @@ impl Default for EditorSettings {
             anchor_weight: 1.0,
             anchor_key_weight: 100.0,
             l2: 0.01,
+            target_margin: None,
             stop_loss: 0.2,
             use_nullspace: true,
             nullspace_energy: nullspace::ENERGY,
@@ -763,6 +768,7 @@ impl Editor {
             l2: self.settings.l2,
             min_anchor_agreement: 0.95,
             anchor_key_weight: self.settings.anchor_key_weight,
+            target_margin: self.settings.target_margin,
             seed: seed_for(request),
         };
         let mut rome_settings = RomeSettings {
