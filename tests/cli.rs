@@ -159,3 +159,30 @@ fn config_show_names_where_each_value_comes_from() {
         "{err}"
     );
 }
+
+#[test]
+fn a_target_margin_that_is_not_a_finite_number_is_refused_before_any_work() {
+    let home = tempfile::tempdir().unwrap();
+    for bad in ["nan", "inf", "one"] {
+        let out = imprint(home.path())
+            .args([
+                "edit",
+                "--attribute",
+                "hobby",
+                "--target",
+                "Dancing",
+                "--question",
+                "What's my hobby?",
+                "--target-margin",
+                bad,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains("--target-margin") && err.contains("number of logits"),
+            "{bad}: {err}"
+        );
+    }
+}

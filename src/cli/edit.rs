@@ -235,7 +235,7 @@ pub struct EditorFlags {
     /// candidate tokens suffices; 1 guards against the logits candle and
     /// llama.cpp disagree by, at a cost in time: docs/RESULTS.md, "Target
     /// margin").
-    #[arg(long, value_name = "LOGITS")]
+    #[arg(long, value_name = "LOGITS", value_parser = finite_logits)]
     pub target_margin: Option<f32>,
     /// Stop training once the mean target loss is below this (default 0.2).
     #[arg(long)]
@@ -269,6 +269,17 @@ pub struct EditorFlags {
     /// `[editor] anchor_key_weight`, 100).
     #[arg(long)]
     pub anchor_key_weight: Option<f64>,
+}
+
+/// `--target-margin`: a number of logits; NaN or infinity would silently
+/// switch the margin off or make every edit fail.
+fn finite_logits(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!(
+            "expected a number of logits such as 1 or 0.5, not {text:?}"
+        )),
+    }
 }
 
 impl EditorFlags {
