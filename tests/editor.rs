@@ -408,7 +408,7 @@ fn rome_edits_on_one_subject_token_keep_each_other() {
 /// still the argmax, checked here independently with the edit applied.
 #[test]
 fn training_stops_only_when_watched_anchors_keep_their_answers() {
-    use imprint::editor::ftm::{self, FtmSettings};
+    use imprint::editor::ftm;
     use imprint::editor::model::LlamaModel;
 
     let engine = common::engine();
@@ -430,20 +430,7 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
     );
 
     let layer = (model.config.n_layer * 2).div_ceil(3);
-    let settings = FtmSettings {
-        layer,
-        rank: 4,
-        max_steps: 60,
-        learning_rate: 5e-2,
-        lr_floor: 1.0,
-        anchor_weight: 1.0,
-        l2: 0.01,
-        stop_loss: 0.2,
-        min_anchor_agreement: 0.95,
-        anchor_key_weight: 0.0,
-        target_margin: None,
-        seed: 7,
-    };
+    let settings = ftm_settings(&model, 60, 0.2, 7);
     // No null-space projector: nothing but the watched anchors keeps the
     // edit off those questions.
     let r = ftm::train(&model, &sequences, None, None, &settings, |_, _| {}).unwrap();
@@ -501,6 +488,30 @@ fn greedy_next(model: &imprint::editor::model::LlamaModel, tokens: &[u32]) -> u3
         .unwrap()
 }
 
+/// The FT-M settings these tests share: layer ≈ 2/3 of the depth, rank 4,
+/// Adam at 0.05, no key-preservation term, no target margin.
+fn ftm_settings(
+    model: &imprint::editor::model::LlamaModel,
+    max_steps: usize,
+    stop_loss: f32,
+    seed: u64,
+) -> imprint::editor::ftm::FtmSettings {
+    imprint::editor::ftm::FtmSettings {
+        layer: (model.config.n_layer * 2).div_ceil(3),
+        rank: 4,
+        max_steps,
+        learning_rate: 5e-2,
+        lr_floor: 1.0,
+        anchor_weight: 1.0,
+        l2: 0.01,
+        stop_loss,
+        min_anchor_agreement: 0.95,
+        anchor_key_weight: 0.0,
+        target_margin: None,
+        seed,
+    }
+}
+
 /// FT-M training sequences: each of `questions` answered `target` (and the
 /// end of the turn), and each of `anchors` answered with the base model's
 /// own first four greedy tokens (`exact` anchors or ordinary loss anchors).
@@ -555,7 +566,7 @@ fn training_set(
 /// of two (and an odd chunk left over).
 #[test]
 fn training_in_chunks_gives_the_edit_of_one_batch() {
-    use imprint::editor::ftm::{self, FtmSettings};
+    use imprint::editor::ftm;
     use imprint::editor::model::LlamaModel;
 
     let engine = common::engine();
@@ -574,21 +585,8 @@ fn training_in_chunks_gives_the_edit_of_one_batch() {
         ],
         false,
     );
-    let settings = FtmSettings {
-        layer: (model.config.n_layer * 2).div_ceil(3),
-        rank: 4,
-        max_steps: 6,
-        learning_rate: 5e-2,
-        lr_floor: 1.0,
-        anchor_weight: 1.0,
-        l2: 0.01,
-        // Never reached: both runs take all six steps.
-        stop_loss: -1.0,
-        min_anchor_agreement: 0.95,
-        anchor_key_weight: 0.0,
-        target_margin: None,
-        seed: 11,
-    };
+    // A stop loss never reached: both runs take all six steps.
+    let settings = ftm_settings(&model, 6, -1.0, 11);
     let mut losses = (Vec::new(), Vec::new());
     let whole = ftm::train_in_chunks(&model, &sequences, None, None, &settings, 64, |_, l| {
         losses.0.push(l)
@@ -692,20 +690,7 @@ fn porto_training(
         &[],
         false,
     );
-    let settings = imprint::editor::ftm::FtmSettings {
-        layer: (model.config.n_layer * 2).div_ceil(3),
-        rank: 4,
-        max_steps: 40,
-        learning_rate: 5e-2,
-        lr_floor: 1.0,
-        anchor_weight: 1.0,
-        l2: 0.01,
-        stop_loss: 0.2,
-        min_anchor_agreement: 0.95,
-        anchor_key_weight: 0.0,
-        target_margin: None,
-        seed: 5,
-    };
+    let settings = ftm_settings(model, 40, 0.2, 5);
     (sequences, settings)
 }
 
