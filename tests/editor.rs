@@ -429,7 +429,6 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
         true,
     );
 
-    let layer = (model.config.n_layer * 2).div_ceil(3);
     let settings = ftm_settings(&model, 60, 0.2, 7);
     // No null-space projector: nothing but the watched anchors keeps the
     // edit off those questions.
@@ -447,7 +446,7 @@ fn training_stops_only_when_watched_anchors_keep_their_answers() {
     let a = candle_core::Tensor::from_vec(r.a, (4, r.n_in), &candle_core::Device::Cpu).unwrap();
     let b = candle_core::Tensor::from_vec(r.b, (r.n_out, 4), &candle_core::Device::Cpu).unwrap();
     model
-        .add_to_down_proj(layer, &b.matmul(&a).unwrap())
+        .add_to_down_proj(settings.layer, &b.matmul(&a).unwrap())
         .unwrap();
     for (i, s) in sequences.iter().enumerate() {
         for p in s.answer_start..s.tokens.len() {

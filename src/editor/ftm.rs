@@ -28,9 +28,9 @@ const CANDIDATES_PER_ROW: usize = 32;
 /// gate then finds the earlier preference broken.
 const EXACT_MARGIN: f32 = 1.0;
 
-/// The logit lead over every other token of the *whole* vocabulary that
-/// `--target-margin` asks of each target token when it is given without a
-/// value of its own in mind (see [`FtmSettings::target_margin`]). Training
+/// The lead, in logits, over every other token of the *whole* vocabulary
+/// that was measured as `--target-margin 1` (see
+/// [`FtmSettings::target_margin`]; the tests use it). Training
 /// and its argmax read a candidate vocabulary (see [`CANDIDATES_PER_ROW`]);
 /// a token outside it can rise unseen, and a target token that wins by a
 /// hair in candle flips in llama.cpp (up to ≈ 1.3 apart, as for
