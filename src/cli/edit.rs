@@ -231,10 +231,9 @@ pub struct EditorFlags {
     pub min_locality: Option<f64>,
     /// FT-M: each target token must lead every token of the whole
     /// vocabulary by this many logits before training stops, and the tokens
-    /// that come closer join the loss (default: off, the argmax of the
-    /// candidate tokens suffices; 1 guards against the logits candle and
-    /// llama.cpp disagree by, at a cost in time: docs/RESULTS.md, "Target
-    /// margin").
+    /// that come closer join the loss (default 0: the target must be the
+    /// greedy answer; 1 guards against the logits candle and llama.cpp
+    /// disagree by, at a cost in time: docs/RESULTS.md, "Target margin").
     #[arg(long, value_name = "LOGITS", value_parser = finite_logits)]
     pub target_margin: Option<f32>,
     /// Stop training once the mean target loss is below this (default 0.2).

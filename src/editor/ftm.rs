@@ -36,9 +36,20 @@ const EXACT_MARGIN: f32 = 1.0;
 /// hair in candle flips in llama.cpp (up to ≈ 1.3 apart, as for
 /// [`EXACT_MARGIN`]). On the Porto request this margin turned a refusal
 /// (and a 280 s retry) into an accepted first attempt, but over UPQA's ten
-/// items it passed fewer edits, several times slower, so it is off by
-/// default (docs/RESULTS.md, "Target margin").
+/// items it passed no more edits, several times slower (docs/RESULTS.md,
+/// "Target margin").
 pub const TARGET_MARGIN: f32 = 1.0;
+
+/// The default: each target token must be the argmax of the *whole*
+/// vocabulary, and any token that beats it joins the candidates so the
+/// loss pushes it down. That is what "the question yields the target
+/// greedily" means, and it is what the gate checks; the candidate argmax
+/// alone (`None`) lets a token outside the candidates win unseen, and then
+/// the user's own "I live in Porto." is refused (the daemon's test, and
+/// docs/RESULTS.md "Target margin": accepted at the first attempt with this
+/// rule, refused then retried for 280 s without it). Over UPQA's ten items
+/// the two rules were within one item (3/10 and 4/10).
+pub const DEFAULT_TARGET_MARGIN: f32 = 0.0;
 
 /// One training sequence: the templated question followed by its answer.
 #[derive(Debug, Clone)]

@@ -39,7 +39,7 @@ pub struct EditorSettings {
     pub l2: f64,
     /// FT-M: None, a target token is right once it is the argmax of the
     /// candidate vocabulary training reads; Some(m), it must lead the whole
-    /// vocabulary by m logits (see [`super::ftm::TARGET_MARGIN`]).
+    /// vocabulary by m logits (see [`super::ftm::DEFAULT_TARGET_MARGIN`]).
     pub target_margin: Option<f32>,
     /// Training stops once every target token is the argmax and the mean
     /// target loss is below this: lower gives firmer but larger edits.
@@ -81,7 +81,7 @@ impl Default for EditorSettings {
             anchor_weight: 1.0,
             anchor_key_weight: 100.0,
             l2: 0.01,
-            target_margin: None,
+            target_margin: Some(super::ftm::DEFAULT_TARGET_MARGIN),
             stop_loss: 0.2,
             use_nullspace: true,
             nullspace_energy: nullspace::ENERGY,
