@@ -120,6 +120,11 @@ pub struct UpqaArgs {
     /// type; the j-th item of each type in profile j).
     #[arg(long, value_enum, default_value = "sequential")]
     mode: EvalMode,
+    /// Skip the first n items before --every picks. balanced_subset lists
+    /// 10 items per attribute type in a row, so `--start 3 --every 10` is
+    /// the fourth persona: the fourth item of each type.
+    #[arg(long, default_value_t = 0)]
+    start: usize,
     /// Take every n-th item (balanced_subset lists 10 items per attribute
     /// type in a row: `--every 10` gives one of each type).
     #[arg(long, default_value_t = 1)]
@@ -345,6 +350,20 @@ fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
         Some(path) => Some(load_clusters(path, &args.data, items.len())?),
         None => None,
     };
+    if args.start > 0 {
+        if args.start >= items.len() {
+            anyhow::bail!(
+                "--start {} skips every item: {} holds {} items",
+                args.start,
+                args.data.display(),
+                items.len()
+            );
+        }
+        items.drain(..args.start);
+        if let Some(c) = clusters.as_mut() {
+            c.drain(..args.start.min(c.len()));
+        }
+    }
     let step = args.every.max(1);
     if step > 1 {
         items = items.into_iter().step_by(step).collect();

@@ -77,8 +77,13 @@ pub fn corpus(
     Ok(seqs)
 }
 
+/// The energy of the projectors cached before the file name carried it:
+/// 0.99, the first default. Pinned here rather than read from [`ENERGY`], so
+/// changing the default cannot load an old 0.99 projector as the new share.
+const UNSUFFIXED_ENERGY: f64 = 0.99;
+
 fn projector_path(cache_dir: &Path, model_sha256: &str, layer: usize, energy: f64) -> PathBuf {
-    if energy == ENERGY {
+    if energy == UNSUFFIXED_ENERGY {
         cache_dir.join(format!("{model_sha256}.layer{layer}.projector"))
     } else {
         cache_dir.join(format!(
@@ -351,4 +356,20 @@ fn read_cached(path: &Path, n: usize) -> Result<Option<NullSpace>, EditorError> 
         removed: word(1) as usize,
         corpus_tokens: word(2) as usize,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_energy_has_its_own_cache_file_whatever_the_default() {
+        let dir = Path::new("/cache");
+        let at = |energy| projector_path(dir, "sha", 20, energy);
+        // Files written before the name carried the energy hold 0.99.
+        assert_eq!(at(0.99), dir.join("sha.layer20.projector"));
+        assert_ne!(at(0.95), at(0.99));
+        assert_ne!(at(0.9), at(0.95));
+        assert_ne!(at(ENERGY), projector_path(dir, "sha", 21, ENERGY));
+    }
 }
