@@ -261,9 +261,9 @@ impl LoadedConfig {
             return Err(ConfigError::Invalid {
                 origin,
                 message: format!(
-                    "[editor] nullspace_energy must be at least 0 and below 1 (0.99 keeps \
-                     edits away from the directions holding 99 % of ordinary keys' \
-                     energy), not {energy}"
+                    "[editor] nullspace_energy must be at least 0 and below 1 (0.95, the \
+                     default, keeps edits away from the directions holding 95 % of \
+                     ordinary keys' energy), not {energy}"
                 ),
             });
         }
@@ -431,6 +431,18 @@ mod tests {
         let loaded = load(None, &[]).unwrap();
         assert_eq!(loaded.config.engine.n_gpu_layers, GpuLayers::Auto);
         assert_eq!(loaded.sources["engine.threads"], Source::Default);
+    }
+
+    #[test]
+    fn built_in_editor_config_agrees_with_the_editor_library_defaults() {
+        // Two homes for one default: the shipped config (what the CLI and the
+        // daemon read) and `EditorSettings::default()` (what tests and library
+        // callers get). A change to one alone would make them edit differently.
+        let editor = load(None, &[]).unwrap().config.editor;
+        let library = crate::editor::EditorSettings::default();
+        assert_eq!(editor.nullspace_energy, library.nullspace_energy);
+        assert_eq!(editor.anchors, library.anchors);
+        assert_eq!(editor.anchor_key_weight, library.anchor_key_weight);
     }
 
     #[test]
