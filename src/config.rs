@@ -261,9 +261,9 @@ impl LoadedConfig {
             return Err(ConfigError::Invalid {
                 origin,
                 message: format!(
-                    "[editor] nullspace_energy must be at least 0 and below 1 (0.95, the \
-                     default, keeps edits away from the directions holding 95 % of \
-                     ordinary keys' energy), not {energy}"
+                    "[editor] nullspace_energy must be at least 0 and below 1 (0.99 keeps \
+                     edits away from the directions holding 99 % of ordinary keys' \
+                     energy), not {energy}"
                 ),
             });
         }

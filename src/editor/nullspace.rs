@@ -3,9 +3,8 @@
 //! Ordinary conversation drives layer L's MLP keys through a subspace of the
 //! n_ff-dimensional key space. An edit whose input side A is replaced by A·P,
 //! with P = I − UUᵀ projecting out the top directions of the key covariance
-//! (those holding [`ENERGY`], 95 %, of its energy), barely responds to
-//! ordinary inputs, so unrelated answers stay as they were. AlphaEdit keeps
-//! 99 %; see [`ENERGY`] for why imprint does not.
+//! (those holding 99% of its energy), barely responds to ordinary inputs, so
+//! unrelated answers stay as they were.
 //!
 //! The corpus is self-generated: the model's own greedy answers to the
 //! shipped `corpus_prompts.txt`, rendered through its chat template. Both the
@@ -21,13 +20,12 @@ use super::model::{Batch, LlamaModel};
 use super::EditorError;
 use crate::engine::{ChatMessage, Engine, GenerationParams};
 
-/// Share of the key covariance's energy that the projector removes: 515 of
-/// SmolLM2's 1,536 key directions at layer 20. AlphaEdit's 0.99 (962
-/// directions) left some preferences nothing to learn through ("Parents in
-/// Bora Bora" plateaued 4 logits short whatever the steps, rate or rank);
-/// on three UPQA personas 0.95 accepted 25/30 edits where 0.99 accepted
-/// 3–6 of 10 each (docs/RESULTS.md, "The null-space energy, session 18").
-pub const ENERGY: f64 = 0.95;
+/// Share of the key covariance's energy that the projector removes
+/// (AlphaEdit's 0.99: 962 of SmolLM2's 1,536 key directions at layer 20).
+/// 0.95 accepts more UPQA edits in a profile but lets a one-question edit
+/// ("favorite sport → ultimate frisbee") hijack "What's my favorite color?"
+/// past its retry: docs/RESULTS.md, "The null-space energy, session 18".
+pub const ENERGY: f64 = 0.99;
 const ANSWER_TOKENS: u32 = 48;
 
 pub struct NullSpace {
