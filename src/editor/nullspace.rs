@@ -23,7 +23,7 @@ use crate::engine::{ChatMessage, Engine, GenerationParams};
 /// Share of the key covariance's energy that the projector removes
 /// (AlphaEdit's 0.99: 962 of SmolLM2's 1,536 key directions at layer 20).
 /// 0.95 accepted 25 of 30 UPQA edits in three profiles where 0.99 accepted
-/// 16, but the switch has not passed CI yet: docs/RESULTS.md, "The
+/// 16; the switch waits for a CI run of its own: docs/RESULTS.md, "The
 /// null-space energy, session 18".
 pub const ENERGY: f64 = 0.99;
 const ANSWER_TOKENS: u32 = 48;
