@@ -344,37 +344,32 @@ fn locality(app: &App, args: LocalityArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--start`, then `--every`, then `--limit`, in that order.
+fn pick<T>(list: Vec<T>, start: usize, every: usize, limit: Option<usize>) -> Vec<T> {
+    let picked = list.into_iter().skip(start).step_by(every.max(1));
+    match limit {
+        Some(n) => picked.take(n).collect(),
+        None => picked.collect(),
+    }
+}
+
 fn upqa(app: &App, args: UpqaArgs) -> Result<ExitCode> {
-    let mut items = load_items(&args.data)?;
-    let mut clusters = match &args.clusters {
+    let items = load_items(&args.data)?;
+    let clusters = match &args.clusters {
         Some(path) => Some(load_clusters(path, &args.data, items.len())?),
         None => None,
     };
-    if args.start > 0 {
-        if args.start >= items.len() {
-            anyhow::bail!(
-                "--start {} skips every item: {} holds {} items",
-                args.start,
-                args.data.display(),
-                items.len()
-            );
-        }
-        items.drain(..args.start);
-        if let Some(c) = clusters.as_mut() {
-            c.drain(..args.start.min(c.len()));
-        }
+    if args.start > 0 && args.start >= items.len() {
+        anyhow::bail!(
+            "--start {} skips every item: {} holds {} items",
+            args.start,
+            args.data.display(),
+            items.len()
+        );
     }
-    let step = args.every.max(1);
-    if step > 1 {
-        items = items.into_iter().step_by(step).collect();
-        clusters = clusters.map(|c| c.into_iter().step_by(step).collect());
-    }
-    if let Some(n) = args.limit {
-        items.truncate(n);
-        if let Some(c) = clusters.as_mut() {
-            c.truncate(n);
-        }
-    }
+    // Items and their clusters are parallel lists: the same selection for both.
+    let items = pick(items, args.start, args.every, args.limit);
+    let clusters = clusters.map(|c| pick(c, args.start, args.every, args.limit));
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create the output folder {}", args.out.display()))?;
 
@@ -528,4 +523,22 @@ fn chart(args: ChartArgs) -> Result<ExitCode> {
     print!("{md}");
     println!("Wrote {}.", summary.display());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick;
+
+    #[test]
+    fn items_are_picked_by_start_then_every_then_limit() {
+        let items: Vec<usize> = (0..30).collect();
+        assert_eq!(pick(items.clone(), 2, 10, None), vec![2, 12, 22]);
+        assert_eq!(pick(items.clone(), 2, 10, Some(2)), vec![2, 12]);
+        assert_eq!(pick(items.clone(), 0, 1, Some(3)), vec![0, 1, 2]);
+        assert_eq!(
+            pick(items, 0, 0, None).len(),
+            30,
+            "--every 0 means every item"
+        );
+    }
 }
