@@ -261,8 +261,8 @@ impl LoadedConfig {
             return Err(ConfigError::Invalid {
                 origin,
                 message: format!(
-                    "[editor] nullspace_energy must be at least 0 and below 1 (0.99 keeps \
-                     edits away from the directions holding 99 % of ordinary keys' \
+                    "[editor] nullspace_energy must be at least 0 and below 1 (0.95 keeps \
+                     edits away from the directions holding 95 % of ordinary keys' \
                      energy), not {energy}"
                 ),
             });

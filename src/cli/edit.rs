@@ -246,7 +246,7 @@ pub struct EditorFlags {
     #[arg(long)]
     pub no_nullspace: bool,
     /// Share of ordinary keys' covariance energy the null-space projector
-    /// removes (default: `[editor] nullspace_energy`, 0.99 as AlphaEdit):
+    /// removes (default: `[editor] nullspace_energy`, 0.95; AlphaEdit uses 0.99):
     /// lower lets the edit act through more directions, at some cost to
     /// unrelated answers.
     #[arg(long)]

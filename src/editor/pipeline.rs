@@ -46,7 +46,7 @@ pub struct EditorSettings {
     pub stop_loss: f32,
     pub use_nullspace: bool,
     /// Share of the ordinary keys' covariance energy the null-space
-    /// projector removes from the edit's input side (AlphaEdit uses 0.99):
+    /// projector removes from the edit's input side (0.95; AlphaEdit uses 0.99):
     /// lower leaves the edit more directions to act through.
     pub nullspace_energy: f64,
     /// How the anchor questions (other attributes, general questions, the
