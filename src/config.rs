@@ -38,6 +38,8 @@ pub struct EditorConfig {
     pub anchor_key_weight: f64,
     /// Share of ordinary keys' energy the null-space projector removes.
     pub nullspace_energy: f64,
+    /// The share the retry uses after the gate refused an edit for locality.
+    pub retry_nullspace_energy: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -256,16 +258,23 @@ impl LoadedConfig {
                 })?;
         // Range checks serde cannot express; refused here, at load, so a bad
         // value is named with its source instead of failing the first edit.
-        let energy = config.editor.nullspace_energy;
-        if !(0.0..1.0).contains(&energy) {
-            return Err(ConfigError::Invalid {
-                origin,
-                message: format!(
-                    "[editor] nullspace_energy must be at least 0 and below 1 (0.95 keeps \
-                     edits away from the directions holding 95 % of ordinary keys' \
-                     energy), not {energy}"
-                ),
-            });
+        for (key, energy) in [
+            ("nullspace_energy", config.editor.nullspace_energy),
+            (
+                "retry_nullspace_energy",
+                config.editor.retry_nullspace_energy,
+            ),
+        ] {
+            if !(0.0..1.0).contains(&energy) {
+                return Err(ConfigError::Invalid {
+                    origin,
+                    message: format!(
+                        "[editor] {key} must be at least 0 and below 1 (0.95 keeps \
+                         edits away from the directions holding 95 % of ordinary keys' \
+                         energy), not {energy}"
+                    ),
+                });
+            }
         }
         Ok(Self {
             config,
@@ -413,16 +422,23 @@ mod tests {
     }
 
     #[test]
-    fn nullspace_energy_is_read_and_range_checked_at_load() {
-        let loaded = load(Some("[editor]\nnullspace_energy = 0.9\n"), &[]).unwrap();
+    fn nullspace_energies_are_read_and_range_checked_at_load() {
+        let loaded = load(
+            Some("[editor]\nnullspace_energy = 0.9\nretry_nullspace_energy = 0.97\n"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(loaded.config.editor.nullspace_energy, 0.9);
-        for bad in ["1.0", "1.5", "-0.1"] {
-            let err = load(Some(&format!("[editor]\nnullspace_energy = {bad}\n")), &[])
-                .err()
-                .unwrap_or_else(|| panic!("{bad} was accepted"));
-            let text = err.to_string();
-            assert!(text.contains("nullspace_energy"), "{text}");
-            assert!(text.contains("config.toml"), "names the file: {text}");
+        assert_eq!(loaded.config.editor.retry_nullspace_energy, 0.97);
+        for key in ["nullspace_energy", "retry_nullspace_energy"] {
+            for bad in ["1.0", "1.5", "-0.1"] {
+                let err = load(Some(&format!("[editor]\n{key} = {bad}\n")), &[])
+                    .err()
+                    .unwrap_or_else(|| panic!("{key} = {bad} was accepted"));
+                let text = err.to_string();
+                assert!(text.contains(&format!("[editor] {key} must")), "{text}");
+                assert!(text.contains("config.toml"), "names the file: {text}");
+            }
         }
     }
 
@@ -441,6 +457,10 @@ mod tests {
         let editor = load(None, &[]).unwrap().config.editor;
         let library = crate::editor::EditorSettings::default();
         assert_eq!(editor.nullspace_energy, library.nullspace_energy);
+        assert_eq!(
+            editor.retry_nullspace_energy,
+            library.retry_nullspace_energy
+        );
         assert_eq!(editor.anchors, library.anchors);
         assert_eq!(editor.anchor_key_weight, library.anchor_key_weight);
     }

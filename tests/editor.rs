@@ -76,6 +76,11 @@ fn edits_change_the_answer_through_llama_cpp_and_compose() {
         m.answers
     );
     assert!(m.locality_total >= 10);
+    assert_eq!(
+        m.nullspace_energy,
+        Some(EditorSettings::default().nullspace_energy),
+        "a first attempt is made at the first null-space share and records it"
+    );
 
     // Sequential: the second edit is computed with the first applied.
     let mut e1 = first.edit.clone();

@@ -204,6 +204,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
         anchors: config.anchors,
         anchor_key_weight: config.anchor_key_weight,
         nullspace_energy: config.nullspace_energy,
+        retry_nullspace_energy: config.retry_nullspace_energy,
         ..EditorSettings::default()
     };
     let settings = EditorSettings {

@@ -251,6 +251,11 @@ pub struct EditorFlags {
     /// unrelated answers.
     #[arg(long)]
     pub nullspace_energy: Option<f64>,
+    /// The share the retry uses when the gate refused the first attempt for
+    /// changing other answers (default: `[editor] retry_nullspace_energy`,
+    /// 0.99); a refusal for not learning retries at `--nullspace-energy`.
+    #[arg(long)]
+    pub retry_nullspace_energy: Option<f64>,
     /// How anchor questions keep their answers (default: `[editor] anchors`
     /// in the config, "keys"): `keys` (the edited layer keeps its output on
     /// the anchors' keys; the most recent preferences keep their answers by
@@ -307,6 +312,9 @@ impl EditorFlags {
             min_locality: self.min_locality.unwrap_or(defaults.min_locality),
             use_nullspace: defaults.use_nullspace && !self.no_nullspace,
             nullspace_energy: self.nullspace_energy.unwrap_or(defaults.nullspace_energy),
+            retry_nullspace_energy: self
+                .retry_nullspace_energy
+                .unwrap_or(defaults.retry_nullspace_energy),
             anchors: self.anchors.unwrap_or(defaults.anchors),
             retry: defaults.retry && !self.no_retry,
             ..defaults

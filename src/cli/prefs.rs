@@ -116,6 +116,7 @@ pub fn default_settings(app: &App, sha: &str, method: Method) -> Result<EditorSe
         anchors: app.config.config.editor.anchors,
         anchor_key_weight: app.config.config.editor.anchor_key_weight,
         nullspace_energy: app.config.config.editor.nullspace_energy,
+        retry_nullspace_energy: app.config.config.editor.retry_nullspace_energy,
         ..defaults
     })
 }
@@ -194,8 +195,12 @@ pub fn print_outcome(request: &EditRequest, outcome: &EditOutcome, total_seconds
     for c in &m.changed_probes {
         println!("    changed: {c}");
     }
+    let energy = m
+        .nullspace_energy
+        .map(|e| format!(", null-space energy {e}"))
+        .unwrap_or_default();
     println!(
-        "  time: training {:.2}s ({} steps, loss {:.3}), verification {:.2}s, total {:.2}s, attempts {}",
+        "  time: training {:.2}s ({} steps, loss {:.3}), verification {:.2}s, total {:.2}s, attempts {}{energy}",
         m.train_seconds, m.steps, m.final_loss, m.verify_seconds, total_seconds, outcome.attempts
     );
     if let Some(reason) = &outcome.reason {

@@ -155,6 +155,10 @@ pub struct EditMetrics {
     pub steps: usize,
     pub train_seconds: f64,
     pub verify_seconds: f64,
+    /// The null-space energy share of the attempt that was kept (None:
+    /// no projector, or an edit made before this was recorded).
+    #[serde(default)]
+    pub nullspace_energy: Option<f64>,
     /// Answers given to the request's questions, for the user to see.
     pub answers: Vec<String>,
     /// Probes whose answers changed.

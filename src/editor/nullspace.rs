@@ -27,6 +27,13 @@ use crate::engine::{ChatMessage, Engine, GenerationParams};
 /// answers kept about as well (docs/RESULTS.md, "The null-space energy,
 /// session 18").
 pub const ENERGY: f64 = 0.95;
+
+/// The share the one retry of an edit uses when the gate refused the first
+/// attempt for locality (it hijacked unrelated questions or broke earlier
+/// preferences): more directions removed, so the edit has fewer ordinary
+/// keys to fire on. An edit refused for not learning its questions keeps
+/// [`ENERGY`]: removing more would only make learning harder.
+pub const RETRY_ENERGY: f64 = 0.99;
 const ANSWER_TOKENS: u32 = 48;
 
 pub struct NullSpace {

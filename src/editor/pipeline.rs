@@ -49,6 +49,9 @@ pub struct EditorSettings {
     /// projector removes from the edit's input side (0.95; AlphaEdit uses 0.99):
     /// lower leaves the edit more directions to act through.
     pub nullspace_energy: f64,
+    /// The share the retry uses after a locality refusal (see
+    /// [`nullspace::RETRY_ENERGY`]); equal to `nullspace_energy` to keep one.
+    pub retry_nullspace_energy: f64,
     /// How the anchor questions (other attributes, general questions, the
     /// other active preferences) are kept from changing.
     pub anchors: AnchorMode,
@@ -85,6 +88,7 @@ impl Default for EditorSettings {
             stop_loss: 0.2,
             use_nullspace: true,
             nullspace_energy: nullspace::ENERGY,
+            retry_nullspace_energy: nullspace::RETRY_ENERGY,
             anchors: AnchorMode::Keys,
             min_locality: 0.9,
             probe_tokens: 16,
@@ -671,26 +675,34 @@ impl Editor {
         }
 
         let dir = self.cache_dir.join("nullspace");
-        let mut projector = if method == Method::Ftm && self.settings.use_nullspace {
+        // The corpus of ordinary keys, kept for a retry at another energy.
+        let corpus = if method == Method::Ftm && self.settings.use_nullspace {
             progress("preparing the null-space projector (cached after the first time)");
             // The corpus comes from the base model's own answers.
             engine.set_adapter(None)?;
             let corpus = nullspace::corpus(engine, &sys, &dir, &self.model_sha256)?;
             engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
-            Some(
-                nullspace::load_or_compute(
-                    &self.model,
-                    &corpus,
-                    &dir,
-                    &self.model_sha256,
-                    layer,
-                    self.settings.nullspace_energy,
-                )?
-                .projector,
-            )
+            Some(corpus)
         } else {
             None
         };
+        let projector_at = |energy: f64| -> Result<Option<Tensor>, EditorError> {
+            let Some(corpus) = &corpus else {
+                return Ok(None);
+            };
+            let base = nullspace::load_or_compute(
+                &self.model,
+                corpus,
+                &dir,
+                &self.model_sha256,
+                layer,
+                energy,
+            )?
+            .projector;
+            Ok(Some(base))
+        };
+        let mut nullspace_energy = self.settings.nullspace_energy;
+        let mut projector = projector_at(nullspace_energy)?;
         let rome_inputs = if method == Method::Rome {
             progress("preparing the key covariance (cached after the first time)");
             engine.set_adapter(None)?;
@@ -739,7 +751,11 @@ impl Editor {
         } else {
             None
         };
-        if self.settings.anchors.projects() && !anchors.is_empty() {
+        // `--anchors project`: the anchors' own keys are removed too.
+        let without_anchor_keys = |projector: Option<Tensor>| {
+            if !self.settings.anchors.projects() || anchors.is_empty() {
+                return Ok(projector);
+            }
             let started = Instant::now();
             let tokens: Vec<Vec<u32>> = anchors.iter().map(|a| a.tokens.clone()).collect();
             let (narrowed, removed) =
@@ -750,8 +766,9 @@ impl Editor {
                 ms = started.elapsed().as_millis() as u64,
                 "anchor keys projected out"
             );
-            projector = Some(narrowed);
-        }
+            Ok::<_, EditorError>(Some(narrowed))
+        };
+        projector = without_anchor_keys(projector)?;
 
         let mut ftm_settings = FtmSettings {
             layer,
@@ -833,6 +850,7 @@ impl Editor {
                     final_loss,
                     steps,
                     train_seconds,
+                    nullspace_energy: projector.is_some().then_some(nullspace_energy),
                     ..Default::default()
                 },
                 active: true,
@@ -972,6 +990,17 @@ impl Editor {
                 };
             }
             // The one retry.
+            let retry_energy = self.settings.retry_nullspace_energy;
+            if efficacy_ok && corpus.is_some() && retry_energy != nullspace_energy {
+                // A locality refusal: the edit fired on ordinary keys (at
+                // 0.95, a one-question "my favorite sport" edit also answered
+                // "my favorite color"), so the retry leaves it fewer of them.
+                progress(
+                    "preparing the retry's null-space projector (cached after the first time)",
+                );
+                nullspace_energy = retry_energy;
+                projector = without_anchor_keys(projector_at(nullspace_energy)?)?;
+            }
             if anchor_keys.is_some() {
                 // The key term can hold the edit away from keys it needs
                 // (anchor questions that share words with the request's:

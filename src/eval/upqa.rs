@@ -160,6 +160,12 @@ pub struct ItemResult {
     pub edit_steps: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub edit_train_seconds: Option<f64>,
+    /// Attempts the edit took (2: it was retried) and the null-space energy
+    /// share of the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit_attempts: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edit_nullspace_energy: Option<f64>,
     pub questions: Vec<QuestionResult>,
 }
 
@@ -177,6 +183,8 @@ impl ItemResult {
             edit_rejection: None,
             edit_steps: None,
             edit_train_seconds: None,
+            edit_attempts: None,
+            edit_nullspace_energy: None,
             questions: Vec::new(),
         }
     }
@@ -510,6 +518,8 @@ impl UpqaRun<'_> {
                         r.edit_rejection = outcome.reason.clone();
                         r.edit_steps = Some(outcome.edit.metrics.steps);
                         r.edit_train_seconds = Some(outcome.edit.metrics.train_seconds);
+                        r.edit_attempts = Some(outcome.attempts);
+                        r.edit_nullspace_energy = outcome.edit.metrics.nullspace_energy;
                         if outcome.accepted {
                             active.push(outcome.edit);
                         }
