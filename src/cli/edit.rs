@@ -253,7 +253,7 @@ pub struct EditorFlags {
     pub nullspace_energy: Option<f64>,
     /// The share the retry uses when the gate refused the first attempt for
     /// changing other answers (default: `[editor] retry_nullspace_energy`,
-    /// 0.99); a refusal for not learning retries at `--nullspace-energy`.
+    /// 0.95); a refusal for not learning retries at `--nullspace-energy`.
     #[arg(long)]
     pub retry_nullspace_energy: Option<f64>,
     /// How anchor questions keep their answers (default: `[editor] anchors`
