@@ -254,6 +254,8 @@ pub struct EditorFlags {
     /// The share the retry uses when the gate refused the first attempt for
     /// changing other answers (default: `[editor] retry_nullspace_energy`,
     /// 0.95); a refusal for not learning retries at `--nullspace-energy`.
+    /// `--nullspace-energy` alone does not move it: give both to measure a
+    /// share, or `--no-retry`.
     #[arg(long)]
     pub retry_nullspace_energy: Option<f64>,
     /// How anchor questions keep their answers (default: `[editor] anchors`
