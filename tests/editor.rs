@@ -809,3 +809,56 @@ fn an_edit_that_never_converges_returns_its_best_iterate() {
         "24 steps gave a weaker edit than 12: {leads:?}"
     );
 }
+
+/// A retry trains on dozens of cross-entropy anchors, and it can happen that
+/// no iterate which answers the targets keeps the required share of their
+/// tokens: every step that learns moves some of them. Training used to
+/// return the untrained start then (the best iterate that kept the
+/// anchors), an edit of norm zero that the gate reports as "0/3 learned".
+/// It now returns the iterate that learned and kept the most anchor
+/// tokens, so the gate can judge a real edit. Here the anchors ask about
+/// places too, and all of their tokens must be kept: the Porto edit cannot
+/// do that, yet what comes back answers every target.
+#[test]
+fn a_run_that_cannot_keep_every_anchor_still_returns_an_edit_that_learned() {
+    use imprint::editor::ftm::{self, FtmSettings};
+    use imprint::editor::model::LlamaModel;
+
+    let engine = common::engine();
+    let mut model = LlamaModel::load(&common::model_path()).unwrap();
+    let sequences = training_set(
+        &engine,
+        &model,
+        "Porto",
+        &[
+            "What is my location?",
+            "Where do I live?",
+            "Which city do I live in?",
+        ],
+        &[
+            "Where was I born?",
+            "Which city do I work in?",
+            "Where do my parents live?",
+            "What's my hometown?",
+            "Which country am I from?",
+            "Where did I grow up?",
+        ],
+        false,
+    );
+    let settings = FtmSettings {
+        min_anchor_agreement: 1.0,
+        ..ftm_settings(&model, 30, 0.0, 5)
+    };
+    let edit = ftm::train(&model, &sequences, None, None, &settings, |_, _| {}).unwrap();
+    assert!(!edit.converged, "stop loss 0 is never reached");
+    let lead = least_target_lead_with(&mut model, &sequences, &settings, &edit);
+    assert!(
+        (lead - edit.least_target_lead).abs() < 0.05,
+        "reported {} but the returned factors lead by {lead}",
+        edit.least_target_lead
+    );
+    assert!(
+        lead > 0.0,
+        "the returned edit does not answer every target (weakest lead {lead})"
+    );
+}
