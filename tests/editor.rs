@@ -817,8 +817,9 @@ fn an_edit_that_never_converges_returns_its_best_iterate() {
 /// anchors), an edit of norm zero that the gate reports as "0/3 learned".
 /// It now returns the iterate that learned and kept the most anchor
 /// tokens, so the gate can judge a real edit. Here the anchors ask about
-/// places too, and all of their tokens must be kept: the Porto edit cannot
-/// do that, yet what comes back answers every target.
+/// places too, two of them in nearly the request's words, and all of their
+/// tokens must be kept: in ten steps the Porto edit cannot do that, yet
+/// what comes back answers every target.
 #[test]
 fn a_run_that_cannot_keep_every_anchor_still_returns_an_edit_that_learned() {
     use imprint::editor::ftm::{self, FtmSettings};
@@ -836,18 +837,21 @@ fn a_run_that_cannot_keep_every_anchor_still_returns_an_edit_that_learned() {
             "Which city do I live in?",
         ],
         &[
-            "Where was I born?",
+            "Where do I live now?",
+            "What is my current location?",
             "Which city do I work in?",
             "Where do my parents live?",
             "What's my hometown?",
-            "Which country am I from?",
             "Where did I grow up?",
         ],
         false,
     );
+    // Ten steps: given thirty, cross-entropy learns the anchors back (by
+    // step 14 on this request every anchor token is kept again), and the
+    // case this test is about never arises.
     let settings = FtmSettings {
         min_anchor_agreement: 1.0,
-        ..ftm_settings(&model, 30, 0.0, 5)
+        ..ftm_settings(&model, 10, 0.0, 5)
     };
     let edit = ftm::train(&model, &sequences, None, None, &settings, |_, _| {}).unwrap();
     assert!(!edit.converged, "stop loss 0 is never reached");

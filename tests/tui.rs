@@ -138,7 +138,7 @@ fn chat_answers_learns_is_approved_and_restores_the_terminal() {
     let home = tempfile::tempdir().unwrap();
     let model = common::model_path();
     let tmux = Tmux {
-        socket: format!("imprint-test-{}", std::process::id()),
+        socket: format!("imprint-test-{}-tui", std::process::id()),
     };
     let command = format!(
         "env IMPRINT_HOME={} IMPRINT_PASSPHRASE=tui-test IMPRINT_DAEMON_GRACE_S=1 TERM=xterm-256color {} chat --model {}; echo EXITED $?; sleep 120",
@@ -247,4 +247,75 @@ fn chat_answers_learns_is_approved_and_restores_the_terminal() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// A passphrase-protected profile asks for its passphrase once per command,
+/// however many times the command opens the profile: the line chat opens it
+/// to attach the active edits and again to keep the conversation, and it
+/// used to prompt for each. Run in tmux because the prompt reads the
+/// terminal itself, not stdin.
+#[test]
+fn the_line_chat_asks_for_the_passphrase_once() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        panic!("tmux is missing: `make test` installs it");
+    }
+    let home = tempfile::tempdir().unwrap();
+    let created = Command::new(env!("CARGO_BIN_EXE_imprint"))
+        .env("IMPRINT_HOME", home.path())
+        .env("IMPRINT_PASSPHRASE", "line-test")
+        .args(["profile", "init", "--passphrase"])
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "profile init failed: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let tmux = Tmux {
+        socket: format!("imprint-test-{}-line", std::process::id()),
+    };
+    // No IMPRINT_PASSPHRASE: the chat must ask.
+    let command = format!(
+        "env -u IMPRINT_PASSPHRASE IMPRINT_HOME={} TERM=xterm-256color {} chat --line --model {}; echo EXITED $?; sleep 120",
+        shell_quote(&home.path().display().to_string()),
+        shell_quote(env!("CARGO_BIN_EXE_imprint")),
+        shell_quote(&common::model_path().display().to_string()),
+    );
+    let status = tmux
+        .cmd()
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            "chat",
+            "-x",
+            "120",
+            "-y",
+            "30",
+            &command,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tmux.wait_for("the passphrase prompt", Duration::from_secs(60), |s| {
+        s.contains("Profile passphrase:")
+    });
+    tmux.typed("line-test");
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("the chat banner", Duration::from_secs(120), |s| {
+        s.contains("/reset starts over")
+            || s.contains("EXITED")
+            || s.matches("Profile passphrase:").count() > 1
+    });
+    assert_eq!(
+        screen.matches("Profile passphrase:").count(),
+        1,
+        "asked more than once, or the chat did not start:\n{screen}"
+    );
+    assert!(screen.contains("/reset starts over"), "{screen}");
+    tmux.typed("/exit");
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("the exit", Duration::from_secs(30), |s| {
+        s.contains("EXITED 0")
+    });
 }

@@ -281,13 +281,24 @@ pub fn load_editor(
     Ok((sha, editor))
 }
 
+/// The passphrase source of every profile opened by this process. One
+/// command can open the profile more than once (`chat` attaches the active
+/// edits, then keeps the profile for the conversation): the person is
+/// asked once, not once per open (a fresh `make run` used to ask three
+/// times).
+fn passphrase_source() -> &'static imprint::profile::Remembered<imprint::profile::EnvOrPrompt> {
+    use imprint::profile::{EnvOrPrompt, Remembered};
+    static SOURCE: std::sync::OnceLock<Remembered<EnvOrPrompt>> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| Remembered::new(EnvOrPrompt))
+}
+
 /// Opens the profile, creating it (encrypted) on first use. Notices about
 /// how it was protected, and edits moved in from older versions, go to
 /// stderr: nothing about the key is ever decided silently.
 pub fn open_profile(ctx: &App) -> Result<imprint::profile::Profile> {
-    use imprint::profile::{EnvOrPrompt, Profile};
-    let (mut profile, notice) =
-        Profile::open_or_create(&ctx.paths, &EnvOrPrompt).with_context(|| {
+    use imprint::profile::Profile;
+    let (mut profile, notice) = Profile::open_or_create(&ctx.paths, passphrase_source())
+        .with_context(|| {
             format!(
                 "cannot open the profile in {}",
                 ctx.paths.data_dir.display()

@@ -1023,24 +1023,24 @@ pub fn train_in_chunks(
                     bm.as_tensor().copy()?,
                 ));
             } else {
-            tracing::debug!(
-                check_ms,
-                step,
-                moved = moved.len(),
-                "watched anchors moved; training on them"
-            );
-            // The watch set stays as built (rebuilding it would run every
-            // remaining anchor through the lower layers again); promoted
-            // anchors are checked by the training set from now on.
-            for i in moved {
-                promoted[i] = true;
-                trained.push(watched[i].clone());
-            }
-            set = LossSet::build(model, &trained, settings, shared, chunk)?;
-            set.add_candidates(model, &rivals)?;
-            // Earlier iterates were judged without the promoted anchors.
-            best = None;
-            best_learned = None;
+                tracing::debug!(
+                    check_ms,
+                    step,
+                    moved = moved.len(),
+                    "watched anchors moved; training on them"
+                );
+                // The watch set stays as built (rebuilding it would run every
+                // remaining anchor through the lower layers again); promoted
+                // anchors are checked by the training set from now on.
+                for i in moved {
+                    promoted[i] = true;
+                    trained.push(watched[i].clone());
+                }
+                set = LossSet::build(model, &trained, settings, shared, chunk)?;
+                set.add_candidates(model, &rivals)?;
+                // Earlier iterates were judged without the promoted anchors.
+                best = None;
+                best_learned = None;
             }
         }
         // This step's update is the gradient of the set it was judged on.
