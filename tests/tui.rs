@@ -15,6 +15,44 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// A tmux server of its own (`name` keeps tests that run at once
+    /// apart) whose session "chat", `width` × `height`, runs
+    /// `env <env> IMPRINT_HOME=<home> imprint <args> --model <the test
+    /// model>` (`env` may start with options such as `-u`), then prints `EXITED <status>`
+    /// and stays open so the screen can still be read.
+    fn start(name: &str, home: &Path, env: &str, args: &str, (width, height): (u32, u32)) -> Self {
+        if Command::new("tmux").arg("-V").output().is_err() {
+            panic!("tmux is missing: `make test` installs it");
+        }
+        let tmux = Tmux {
+            socket: format!("imprint-test-{}-{name}", std::process::id()),
+        };
+        let command = format!(
+            "env {env} IMPRINT_HOME={} TERM=xterm-256color {} {args} --model {}; echo EXITED $?; sleep 120",
+            shell_quote(&home.display().to_string()),
+            shell_quote(env!("CARGO_BIN_EXE_imprint")),
+            shell_quote(&common::model_path().display().to_string()),
+        );
+        let (w, h) = (width.to_string(), height.to_string());
+        let status = tmux
+            .cmd()
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                "chat",
+                "-x",
+                &w,
+                "-y",
+                &h,
+                &command,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tmux
+    }
+
     fn cmd(&self) -> Command {
         let mut c = Command::new("tmux");
         c.args(["-L", &self.socket, "-f", "/dev/null"]);
@@ -132,36 +170,14 @@ fn reply_after_question(screen: &str, question: &str) -> String {
 
 #[test]
 fn chat_answers_learns_is_approved_and_restores_the_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is missing: `make test` installs it");
-    }
     let home = tempfile::tempdir().unwrap();
-    let model = common::model_path();
-    let tmux = Tmux {
-        socket: format!("imprint-test-{}-tui", std::process::id()),
-    };
-    let command = format!(
-        "env IMPRINT_HOME={} IMPRINT_PASSPHRASE=tui-test IMPRINT_DAEMON_GRACE_S=1 TERM=xterm-256color {} chat --model {}; echo EXITED $?; sleep 120",
-        shell_quote(&home.path().display().to_string()),
-        shell_quote(env!("CARGO_BIN_EXE_imprint")),
-        shell_quote(&model.display().to_string()),
+    let tmux = Tmux::start(
+        "tui",
+        home.path(),
+        "IMPRINT_PASSPHRASE=tui-test IMPRINT_DAEMON_GRACE_S=1",
+        "chat",
+        (100, 30),
     );
-    let status = tmux
-        .cmd()
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            "chat",
-            "-x",
-            "100",
-            "-y",
-            "30",
-            &command,
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
     let result = std::panic::catch_unwind(|| {
         // The chat starts the daemon itself.
         tmux.wait_for("the daemon connection", Duration::from_secs(120), |s| {
@@ -256,9 +272,6 @@ fn chat_answers_learns_is_approved_and_restores_the_terminal() {
 /// terminal itself, not stdin.
 #[test]
 fn the_line_chat_asks_for_the_passphrase_once() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        panic!("tmux is missing: `make test` installs it");
-    }
     let home = tempfile::tempdir().unwrap();
     let created = Command::new(env!("CARGO_BIN_EXE_imprint"))
         .env("IMPRINT_HOME", home.path())
@@ -271,32 +284,14 @@ fn the_line_chat_asks_for_the_passphrase_once() {
         "profile init failed: {}",
         String::from_utf8_lossy(&created.stderr)
     );
-    let tmux = Tmux {
-        socket: format!("imprint-test-{}-line", std::process::id()),
-    };
     // No IMPRINT_PASSPHRASE: the chat must ask.
-    let command = format!(
-        "env -u IMPRINT_PASSPHRASE IMPRINT_HOME={} TERM=xterm-256color {} chat --line --model {}; echo EXITED $?; sleep 120",
-        shell_quote(&home.path().display().to_string()),
-        shell_quote(env!("CARGO_BIN_EXE_imprint")),
-        shell_quote(&common::model_path().display().to_string()),
+    let tmux = Tmux::start(
+        "line",
+        home.path(),
+        "-u IMPRINT_PASSPHRASE",
+        "chat --line",
+        (120, 30),
     );
-    let status = tmux
-        .cmd()
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            "chat",
-            "-x",
-            "120",
-            "-y",
-            "30",
-            &command,
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
     tmux.wait_for("the passphrase prompt", Duration::from_secs(60), |s| {
         s.contains("Profile passphrase:")
     });
