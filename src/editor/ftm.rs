@@ -307,21 +307,6 @@ impl Adam {
     }
 }
 
-/// The index of the largest logit (the first of equals).
-fn argmax_of(logits: &[f32]) -> usize {
-    logits
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
-
 /// How far `label`'s logit lies above the best other token's.
 fn lead(logits: &[f32], label: usize) -> f32 {
     let rival = logits
@@ -501,7 +486,7 @@ impl LossSet {
             // profession retry kept just 360 of 378 anchor tokens before
             // any step, so no iterate that learned reached 95 %
             // (docs/RESULTS.md, "The retry's fallback, session 20").
-            anchor_rows.retain(|&r| argmax_of(&base_logits[r]) == labels[r] as usize);
+            anchor_rows.retain(|&r| lead(&base_logits[r], labels[r] as usize) > 0.0);
             let mut margin_floor = vec![0.0; labels.len()];
             for &r in &exact_rows {
                 margin_floor[r] =
@@ -1010,11 +995,11 @@ pub fn train_in_chunks(
                     .collect(),
             };
             let check_ms = check_start.elapsed().as_millis() as u64;
-            if moved.is_empty() && converging {
-                converged = true;
-                break;
-            }
             if moved.is_empty() {
+                if converging {
+                    converged = true;
+                    break;
+                }
                 best_learned = Some((
                     verdict.anchors_kept,
                     verdict.least_target_lead,
