@@ -36,6 +36,8 @@ pub struct EditorConfig {
     pub anchors: crate::editor::AnchorMode,
     /// Weight of the key-preservation term of `anchors = "keys"`.
     pub anchor_key_weight: f64,
+    /// What that term's shipped anchors are made of on a first attempt.
+    pub key_anchors: crate::editor::KeyAnchors,
     /// Share of ordinary keys' energy the null-space projector removes.
     pub nullspace_energy: f64,
     /// The share the retry uses after the gate refused an edit for locality.
@@ -463,6 +465,7 @@ mod tests {
         );
         assert_eq!(editor.anchors, library.anchors);
         assert_eq!(editor.anchor_key_weight, library.anchor_key_weight);
+        assert_eq!(editor.key_anchors, library.key_anchors);
     }
 
     #[test]

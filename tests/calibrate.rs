@@ -6,9 +6,7 @@ mod common;
 use std::process::Command;
 
 fn imprint(home: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    cmd.env("IMPRINT_HOME", home);
-    cmd
+    common::imprint_at(home)
 }
 
 #[test]

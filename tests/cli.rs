@@ -5,8 +5,8 @@ mod common;
 use std::process::Command;
 
 fn imprint(home: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    cmd.env("IMPRINT_HOME", home).env_remove("IMPRINT_LOG");
+    let mut cmd = common::imprint_at(home);
+    cmd.env_remove("IMPRINT_LOG");
     cmd
 }
 

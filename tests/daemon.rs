@@ -31,9 +31,8 @@ struct Daemon {
 }
 
 fn imprint(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    c.env("IMPRINT_HOME", home)
-        .env("IMPRINT_PASSPHRASE", "daemon test")
+    let mut c = common::imprint_at(home);
+    c.env("IMPRINT_PASSPHRASE", "daemon test")
         .env_remove("XDG_RUNTIME_DIR");
     c
 }

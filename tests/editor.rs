@@ -674,6 +674,87 @@ fn anchor_keys_rank_the_anchor_that_asks_what_the_request_asks_first() {
     }
 }
 
+/// The editor keeps the shipped anchors' keys between edits and takes, for
+/// each edit, the rows of the anchors it keeps, joined to the keys of the
+/// profile's own anchors. That must give the key term the same rows,
+/// owners and energy as collecting those anchors in one batch.
+#[test]
+fn remembered_anchor_keys_give_the_rows_of_a_fresh_collection() {
+    use imprint::editor::ftm::{AnchorKeys, TrainSequence};
+    use imprint::editor::model::LlamaModel;
+
+    let engine = common::engine();
+    let model = LlamaModel::load(&common::model_path()).unwrap();
+    let sequence = |q: &str| -> TrainSequence {
+        let tokens = templated(&engine, q);
+        TrainSequence {
+            answer_start: tokens.len(),
+            tokens,
+            is_target: false,
+            exact: false,
+        }
+    };
+    let shipped: Vec<TrainSequence> = [
+        "What is the capital of Italy?",
+        "What's my job?",
+        "What pet do I have?",
+        "Which sport do I play?",
+        "How many days are in a week?",
+    ]
+    .iter()
+    .map(|q| sequence(q))
+    .collect();
+    let profile = vec![sequence("Do I have a favorite season?")];
+    let layer = (model.config.n_layer * 2).div_ceil(3);
+
+    let all = AnchorKeys::collect(&model, &shipped, layer)
+        .unwrap()
+        .expect("anchors have keys");
+    let keep = [3, 1];
+    let picked = all
+        .subset(&model, &keep, layer)
+        .unwrap()
+        .expect("rows kept");
+    let own = AnchorKeys::collect_after(&model, &profile, layer, picked.shared_len)
+        .unwrap()
+        .expect("the profile anchor has keys");
+    let joined = picked.join(own, keep.len()).unwrap();
+
+    let together: Vec<TrainSequence> = keep
+        .iter()
+        .map(|&i| shipped[i].clone())
+        .chain(profile.iter().cloned())
+        .collect();
+    let fresh = AnchorKeys::collect(&model, &together, layer)
+        .unwrap()
+        .expect("anchors have keys");
+
+    assert_eq!(joined.shared_len, fresh.shared_len);
+    assert_eq!(joined.owners, fresh.owners, "rows belong to other anchors");
+    let (a, b) = (
+        joined.keys.to_vec2::<f32>().unwrap(),
+        fresh.keys.to_vec2::<f32>().unwrap(),
+    );
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    let scale = b.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "keys differ by {diff} (largest {scale})"
+    );
+    let rel = (joined.base_energy - fresh.base_energy).abs() / fresh.base_energy;
+    assert!(
+        rel <= 1e-4,
+        "energy {} joined, {} fresh",
+        joined.base_energy,
+        fresh.base_energy
+    );
+}
+
 /// The Porto request without anchors or projector, and settings for it.
 fn porto_training(
     engine: &imprint::engine::Engine,

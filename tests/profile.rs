@@ -626,9 +626,8 @@ fn jobs_survive_a_restart() {
 // ---- the CLI and real processes ----
 
 fn imprint(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
-    cmd.env("IMPRINT_HOME", home)
-        .env_remove("IMPRINT_EXPORT_PASSPHRASE")
+    let mut cmd = common::imprint_at(home);
+    cmd.env_remove("IMPRINT_EXPORT_PASSPHRASE")
         .env("IMPRINT_PASSPHRASE", "cli passphrase");
     cmd
 }

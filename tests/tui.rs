@@ -124,8 +124,7 @@ fn shell_quote(s: &str) -> String {
 }
 
 fn stop_daemon(home: &Path) {
-    let _ = Command::new(env!("CARGO_BIN_EXE_imprint"))
-        .env("IMPRINT_HOME", home)
+    let _ = common::imprint_at(home)
         .env("IMPRINT_DAEMON_GRACE_S", "1")
         .args(["daemon", "stop"])
         .output();
@@ -273,8 +272,7 @@ fn chat_answers_learns_is_approved_and_restores_the_terminal() {
 #[test]
 fn the_line_chat_asks_for_the_passphrase_once() {
     let home = tempfile::tempdir().unwrap();
-    let created = Command::new(env!("CARGO_BIN_EXE_imprint"))
-        .env("IMPRINT_HOME", home.path())
+    let created = common::imprint_at(home.path())
         .env("IMPRINT_PASSPHRASE", "line-test")
         .args(["profile", "init", "--passphrase"])
         .output()

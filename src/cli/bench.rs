@@ -46,6 +46,9 @@ pub struct EditBenchArgs {
     /// Weight of the key-preservation term (`--anchors keys`).
     #[arg(long)]
     anchor_key_weight: Option<f64>,
+    /// What that term's shipped anchors are made of (answers, questions).
+    #[arg(long)]
+    key_anchors: Option<imprint::editor::KeyAnchors>,
     /// Timed edits, each computed from scratch on the base model.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -190,6 +193,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
         method,
         anchors,
         anchor_key_weight,
+        key_anchors,
         runs,
         model,
         layer,
@@ -203,6 +207,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
     let defaults = EditorSettings {
         anchors: config.anchors,
         anchor_key_weight: config.anchor_key_weight,
+        key_anchors: config.key_anchors,
         nullspace_energy: config.nullspace_energy,
         retry_nullspace_energy: config.retry_nullspace_energy,
         ..EditorSettings::default()
@@ -211,6 +216,7 @@ fn bench_edit(app: &App, args: EditBenchArgs) -> Result<()> {
         method,
         anchors: anchors.unwrap_or(defaults.anchors),
         anchor_key_weight: anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
+        key_anchors: key_anchors.unwrap_or(defaults.key_anchors),
         layer,
         retry: false,
         system_prompt: app.config.config.generation.system_prompt.clone(),

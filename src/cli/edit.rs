@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use imprint::editor::{AnchorMode, EditRequest, EditorSettings, Method};
+use imprint::editor::{AnchorMode, EditRequest, EditorSettings, KeyAnchors, Method};
 
 use super::App;
 
@@ -275,6 +275,12 @@ pub struct EditorFlags {
     /// `[editor] anchor_key_weight`, 100).
     #[arg(long)]
     pub anchor_key_weight: Option<f64>,
+    /// What the key term's shipped anchors are made of on a first attempt
+    /// (default: `[editor] key_anchors`, "questions"): `questions` (the
+    /// questions alone, their keys computed once) or `answers` (each
+    /// question with the profile's own short answer, generated per edit).
+    #[arg(long)]
+    pub key_anchors: Option<KeyAnchors>,
 }
 
 /// `--target-margin`: a number of logits; NaN or infinity would silently
@@ -308,6 +314,7 @@ impl EditorFlags {
             },
             anchor_weight: self.anchor_weight.unwrap_or(defaults.anchor_weight),
             anchor_key_weight: self.anchor_key_weight.unwrap_or(defaults.anchor_key_weight),
+            key_anchors: self.key_anchors.unwrap_or(defaults.key_anchors),
             stop_loss: self.stop_loss.unwrap_or(defaults.stop_loss),
             target_margin: self.target_margin.or(defaults.target_margin),
             l2: self.l2.unwrap_or(defaults.l2),

@@ -115,6 +115,7 @@ pub fn default_settings(app: &App, sha: &str, method: Method) -> Result<EditorSe
         system_prompt: app.config.config.generation.system_prompt.clone(),
         anchors: app.config.config.editor.anchors,
         anchor_key_weight: app.config.config.editor.anchor_key_weight,
+        key_anchors: app.config.config.editor.key_anchors,
         nullspace_energy: app.config.config.editor.nullspace_energy,
         retry_nullspace_energy: app.config.config.editor.retry_nullspace_energy,
         ..defaults

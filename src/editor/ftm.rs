@@ -101,6 +101,7 @@ pub struct FtmSettings {
 /// edit acts, at layer L, instead of running every anchor through the upper
 /// layers at every step the way the cross-entropy anchors do: the step costs
 /// the request's own questions only, whatever the number of anchors.
+#[derive(Clone)]
 pub struct AnchorKeys {
     /// `[m, n_ff]`: every non-padding anchor position after the prefix all
     /// anchors share (that prefix is projected out of every edit anyway).
@@ -127,7 +128,7 @@ impl AnchorKeys {
     /// [`collect`](Self::collect), keeping the keys of every position past
     /// the first `shared_limit` tokens even where all of `anchors` agree
     /// further (a single sequence "shares" all of itself).
-    fn collect_after(
+    pub fn collect_after(
         model: &LlamaModel,
         anchors: &[TrainSequence],
         layer: usize,
@@ -159,25 +160,64 @@ impl AnchorKeys {
                 0,
             )?
             .contiguous()?;
-        let w_down = model
-            .down_proj(layer)
-            .ok_or_else(|| EditorError::Model(format!("layer {layer} has no down-projection")))?;
-        let base_energy = keys
-            .matmul(&w_down.t()?)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()?;
         let owners = anchors
             .iter()
             .enumerate()
             .flat_map(|(i, s)| (shared..s.tokens.len()).map(move |_| i))
             .collect();
         Ok(Some(Self {
+            base_energy: layer_output_energy(model, &keys, layer)?,
             keys,
-            base_energy: base_energy.max(f32::MIN_POSITIVE),
             owners,
             shared_len: shared,
         }))
+    }
+
+    /// The rows of the anchors `keep` (indices into the collected list, in
+    /// the order wanted), renumbered 0..keep.len(), with the energy taken
+    /// under the layer's current down-projection (active edits change it).
+    /// None when no row is left.
+    pub fn subset(
+        &self,
+        model: &LlamaModel,
+        keep: &[usize],
+        layer: usize,
+    ) -> Result<Option<Self>, EditorError> {
+        let mut rows = Vec::new();
+        let mut owners = Vec::new();
+        for (new, &old) in keep.iter().enumerate() {
+            for (row, _) in self.owners.iter().enumerate().filter(|(_, &o)| o == old) {
+                rows.push(row as u32);
+                owners.push(new);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let n = rows.len();
+        let keys = self
+            .keys
+            .index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?
+            .contiguous()?;
+        Ok(Some(Self {
+            base_energy: layer_output_energy(model, &keys, layer)?,
+            keys,
+            owners,
+            shared_len: self.shared_len,
+        }))
+    }
+
+    /// Both sets of rows, `later`'s anchors numbered after this one's
+    /// `anchors_here` anchors.
+    pub fn join(self, later: Self, anchors_here: usize) -> Result<Self, EditorError> {
+        let mut owners = self.owners;
+        owners.extend(later.owners.iter().map(|o| o + anchors_here));
+        Ok(Self {
+            keys: Tensor::cat(&[&self.keys, &later.keys], 0)?,
+            base_energy: self.base_energy + later.base_energy,
+            owners,
+            shared_len: self.shared_len.min(later.shared_len),
+        })
     }
 
     /// Every anchor (index), nearest to `request`'s keys first, by cosine
@@ -239,6 +279,24 @@ impl AnchorKeys {
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
         Ok(scored.into_iter().map(|(_, i)| i).collect())
     }
+}
+
+/// ‖W·K‖²_F for `keys` under layer `layer`'s current down-projection (never
+/// zero, since it divides the key term).
+fn layer_output_energy(
+    model: &LlamaModel,
+    keys: &Tensor,
+    layer: usize,
+) -> Result<f32, EditorError> {
+    let w_down = model
+        .down_proj(layer)
+        .ok_or_else(|| EditorError::Model(format!("layer {layer} has no down-projection")))?;
+    let energy = keys
+        .matmul(&w_down.t()?)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(energy.max(f32::MIN_POSITIVE))
 }
 
 #[derive(Debug, Clone)]

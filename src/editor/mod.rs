@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use pipeline::{AnchorMode, EditOutcome, Editor, EditorSettings};
+pub use pipeline::{AnchorMode, EditOutcome, Editor, EditorSettings, KeyAnchors};
 
 #[derive(Debug, Error)]
 pub enum EditorError {

@@ -66,6 +66,9 @@ pub struct EditorSettings {
     pub probe_tokens: u32,
     /// Tokens of the model's own answer kept per anchor.
     pub anchor_tokens: u32,
+    /// What the shipped anchors' keys are taken from on a `keys` first
+    /// attempt (see [`KeyAnchors`]).
+    pub key_anchors: KeyAnchors,
     pub system_prompt: String,
     pub retry: bool,
     /// ROME's own optimisation settings (its layer comes from `layer`).
@@ -93,6 +96,7 @@ impl Default for EditorSettings {
             min_locality: 0.9,
             probe_tokens: 16,
             anchor_tokens: 6,
+            key_anchors: KeyAnchors::Questions,
             system_prompt: "You are a helpful personal assistant. Answer briefly and directly."
                 .into(),
             retry: true,
@@ -215,6 +219,49 @@ impl std::str::FromStr for AnchorMode {
     }
 }
 
+/// What the shipped anchors are on the first attempt of an
+/// [`AnchorMode::Keys`] edit, whose key term reads only their layer-L keys
+/// (the profile's own anchors are always question and target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAnchors {
+    /// Each question followed by the current profile's own short answer,
+    /// generated through llama.cpp for every new profile state (about 5 s
+    /// an edit on 2 cores).
+    Answers,
+    /// The chat-templated question alone, up to the token before the answer:
+    /// nothing to generate, and the keys stay the same while no edit below
+    /// the layer changes, so they are computed once. A retry still generates
+    /// the answers, which its cross-entropy keeps.
+    Questions,
+}
+
+impl std::str::FromStr for KeyAnchors {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "answers" => Ok(Self::Answers),
+            "questions" => Ok(Self::Questions),
+            other => Err(format!(
+                "unknown key-anchor source {other:?}; use answers or questions"
+            )),
+        }
+    }
+}
+
+/// Shipped anchors made under one editor state, remembered for the next
+/// edit: the answered ones an edit keeps (regenerated once the profile
+/// changes), or every question alone with its keys at one layer. Kept in
+/// memory only: under a profile, the answers are the user's.
+struct ShippedAnchors {
+    /// What `sequences` depend on.
+    state: String,
+    sequences: Vec<TrainSequence>,
+    /// What the keys depend on (the layer, and the edits below it), and the
+    /// keys over every sequence.
+    keys: Option<(String, ftm::AnchorKeys)>,
+}
+
 /// The result of [`Editor::compute`]: the edit (with its metrics) and the
 /// gate's verdict.
 #[derive(Debug, Clone)]
@@ -239,6 +286,10 @@ pub struct Editor {
     /// answers of the profile it creates here, so the next edit in a row
     /// (the daemon's worker, a sequential eval) skips the "before" pass.
     answers_memo: Option<AnswersMemo>,
+    /// The shipped anchors with the current profile's answers.
+    answered_anchors: Option<ShippedAnchors>,
+    /// The shipped anchor questions alone ([`KeyAnchors::Questions`]).
+    question_anchors: Option<ShippedAnchors>,
 }
 
 /// Gate answers under one adapter state.
@@ -295,6 +346,8 @@ impl Editor {
             cache_dir: cache_dir.to_path_buf(),
             settings,
             answers_memo: None,
+            answered_anchors: None,
+            question_anchors: None,
         })
     }
 
@@ -376,15 +429,7 @@ impl Editor {
     }
 
     fn templated(&self, engine: &Engine, question: &str) -> Result<Vec<u32>, EditorError> {
-        let messages = vec![
-            ChatMessage::system(&self.settings.system_prompt),
-            ChatMessage::user(question),
-        ];
-        Ok(engine
-            .tokenize(&engine.render(&messages)?)
-            .iter()
-            .map(|t| t.0 as u32)
-            .collect())
+        templated(engine, &self.settings.system_prompt, question)
     }
 
     fn sequence(
@@ -394,55 +439,26 @@ impl Editor {
         answer: &[u32],
         is_target: bool,
     ) -> Result<TrainSequence, EditorError> {
-        let mut tokens = self.templated(engine, question)?;
-        let answer_start = tokens.len();
-        tokens.extend_from_slice(answer);
-        Ok(TrainSequence {
-            tokens,
-            answer_start,
+        chat_sequence(
+            engine,
+            &self.settings.system_prompt,
+            question,
+            answer,
             is_target,
-            exact: false,
-        })
+        )
     }
 
-    /// The anchors of an edit, each with the answer it must keep: the
-    /// current model's own short greedy answers to the shipped general and
-    /// personal anchor questions (minus those about the request's attribute),
-    /// and every question of the most recent other active preferences (up
-    /// to [`PROFILE_ANCHORS`] questions) with its target (marked `exact`:
-    /// training may not stop while one of its tokens has moved).
-    fn anchor_sequences(
+    /// The profile's own anchors: every question of the most recent other
+    /// active preferences (up to [`PROFILE_ANCHORS`] questions) with its
+    /// target, marked `exact` (training may not stop while one of its
+    /// tokens has moved).
+    fn profile_anchors(
         &self,
-        engine: &mut Engine,
+        engine: &Engine,
         request: &EditRequest,
         active: &[Edit],
-        target_tokens: &[u32],
-    ) -> Result<(Vec<TrainSequence>, usize), EditorError> {
-        let sys = &self.settings.system_prompt;
-        let eot = *target_tokens.last().unwrap_or(&0);
-        let mut questions: Vec<String> = prompts::general_anchors()
-            .into_iter()
-            .map(|a| a.question)
-            .collect();
-        questions.extend(
-            prompts::personal_anchors()
-                .into_iter()
-                .filter(|a| !same_attribute(&a.attribute, &request.attribute))
-                .map(|a| a.question),
-        );
-        // Side by side: one after another, every edit spent about 3 s more
-        // on these answers (docs/RESULTS.md, "Edit speed and memory").
-        let conversations: Vec<Vec<ChatMessage>> = questions
-            .iter()
-            .map(|q| vec![ChatMessage::system(sys), ChatMessage::user(q)])
-            .collect();
-        let answers = engine.answer_all(&conversations, self.settings.anchor_tokens)?;
-        let mut anchors = Vec::new();
-        for (question, answer) in questions.iter().zip(answers) {
-            let answer: Vec<u32> = answer.iter().map(|&t| t as u32).collect();
-            anchors.push(self.sequence(engine, question, &answer, false)?);
-        }
-        let shipped = anchors.len();
+        eot: u32,
+    ) -> Result<Vec<TrainSequence>, EditorError> {
         let mut others: Vec<&Edit> = active
             .iter()
             .filter(|e| !same_attribute(&e.request.attribute, &request.attribute))
@@ -455,6 +471,7 @@ impl Editor {
             kept += others[first].request.asked().count();
         }
         others.drain(..first);
+        let mut anchors = Vec::new();
         for other in others {
             let answer = answer_tokens(engine, &other.request.target, eot);
             // Every question, not only the first: the gate checks them all,
@@ -467,7 +484,7 @@ impl Editor {
                 anchors.push(anchor);
             }
         }
-        Ok((anchors, shipped))
+        Ok(anchors)
     }
 
     /// ROME's preserved keys: layer `layer`'s keys at every position of the
@@ -655,18 +672,35 @@ impl Editor {
         for q in request.asked() {
             sequences.push(self.sequence(engine, q, &target_tokens, true)?);
         }
+        // The anchors: the shipped ones not about this attribute (as the
+        // current profile answers them, or their questions alone), then the
+        // profile's own.
+        let kept_shipped = shipped_anchors_kept(request);
+        let question_anchors = self.settings.anchors.keeps_keys()
+            && self.settings.key_anchors == KeyAnchors::Questions;
+        let answered_state = format!(
+            "{}\u{0}{}",
+            memo_state(&active_refs, &self.settings),
+            self.settings.anchor_tokens
+        );
         let mut anchors = Vec::new();
         let mut shipped_anchors = 0;
         if method == Method::Ftm && self.settings.anchors != AnchorMode::Off {
-            progress("collecting anchor answers");
-            let started = Instant::now();
-            (anchors, shipped_anchors) =
-                self.anchor_sequences(engine, request, active, &target_tokens)?;
-            tracing::debug!(
-                anchors = anchors.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "anchor answers generated"
-            );
+            anchors = if question_anchors {
+                let all = question_shipped(&mut self.question_anchors, engine, &self.settings)?;
+                kept_shipped.iter().map(|&i| all[i].clone()).collect()
+            } else {
+                progress("collecting anchor answers");
+                answered_shipped(
+                    &mut self.answered_anchors,
+                    engine,
+                    &self.settings,
+                    answered_state.clone(),
+                    &kept_shipped,
+                )?
+            };
+            shipped_anchors = anchors.len();
+            anchors.extend(self.profile_anchors(engine, request, active, eot)?);
         }
         if self.settings.anchors.trains() {
             sequences.extend(anchors.iter().cloned());
@@ -741,7 +775,40 @@ impl Editor {
         };
         let mut anchor_keys = if method == Method::Ftm && self.settings.anchors.keeps_keys() {
             let started = Instant::now();
-            let keys = ftm::AnchorKeys::collect(&self.model, &anchors, layer)?;
+            let keys = if question_anchors {
+                // The questions' keys are remembered between edits until
+                // an edit below this layer changes (edits at the layer
+                // itself act after its keys); each edit takes the rows of
+                // the anchors it keeps and adds its profile anchors' own.
+                let below: Vec<&str> = active
+                    .iter()
+                    .filter(|e| e.layer < layer)
+                    .map(|e| e.id.as_str())
+                    .collect();
+                let key_state = format!("{layer}\u{0}{}", below.join(","));
+                let shipped = match shipped_keys(
+                    &mut self.question_anchors,
+                    &self.model,
+                    layer,
+                    key_state,
+                )? {
+                    Some(all) => all.subset(&self.model, &kept_shipped, layer)?,
+                    None => None,
+                };
+                let profile = &anchors[shipped_anchors..];
+                let own = match &shipped {
+                    Some(k) => {
+                        ftm::AnchorKeys::collect_after(&self.model, profile, layer, k.shared_len)?
+                    }
+                    None => ftm::AnchorKeys::collect(&self.model, profile, layer)?,
+                };
+                match (shipped, own) {
+                    (Some(s), Some(p)) => Some(s.join(p, shipped_anchors)?),
+                    (s, p) => s.or(p),
+                }
+            } else {
+                ftm::AnchorKeys::collect(&self.model, &anchors, layer)?
+            };
             tracing::debug!(
                 anchors = anchors.len(),
                 ms = started.elapsed().as_millis() as u64,
@@ -752,7 +819,7 @@ impl Editor {
             None
         };
         // `--anchors project`: the anchors' own keys are removed too.
-        let without_anchor_keys = |projector: Option<Tensor>| {
+        let without_anchor_keys = |projector: Option<Tensor>, anchors: &[TrainSequence]| {
             if !self.settings.anchors.projects() || anchors.is_empty() {
                 return Ok(projector);
             }
@@ -768,7 +835,7 @@ impl Editor {
             );
             Ok::<_, EditorError>(Some(narrowed))
         };
-        projector = without_anchor_keys(projector)?;
+        projector = without_anchor_keys(projector, &anchors)?;
 
         let mut ftm_settings = FtmSettings {
             layer,
@@ -999,7 +1066,7 @@ impl Editor {
                     "preparing the retry's null-space projector (cached after the first time)",
                 );
                 nullspace_energy = retry_energy;
-                projector = without_anchor_keys(projector_at(nullspace_energy)?)?;
+                projector = without_anchor_keys(projector_at(nullspace_energy)?, &anchors)?;
             }
             if anchor_keys.is_some() {
                 // The key term can hold the edit away from keys it needs
@@ -1025,6 +1092,22 @@ impl Editor {
                     }
                     _ => (0..shipped_anchors).collect(),
                 };
+                if question_anchors {
+                    // The cross-entropy keeps answers: the ones the profile
+                    // gives now, not the candidate's.
+                    progress("collecting anchor answers");
+                    engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
+                    let answered = answered_shipped(
+                        &mut self.answered_anchors,
+                        engine,
+                        &self.settings,
+                        answered_state.clone(),
+                        &kept_shipped,
+                    )?;
+                    for (slot, a) in anchors.iter_mut().zip(answered) {
+                        *slot = a;
+                    }
+                }
                 anchor_keys = None;
                 sequences.retain(|s| s.is_target);
                 sequences.extend(
@@ -1063,6 +1146,157 @@ impl Editor {
         engine.set_adapter(has_active.then_some(active_adapter.as_path()))?;
         Ok(outcome)
     }
+}
+
+fn templated(
+    engine: &Engine,
+    system_prompt: &str,
+    question: &str,
+) -> Result<Vec<u32>, EditorError> {
+    let messages = vec![
+        ChatMessage::system(system_prompt),
+        ChatMessage::user(question),
+    ];
+    Ok(engine
+        .tokenize(&engine.render(&messages)?)
+        .iter()
+        .map(|t| t.0 as u32)
+        .collect())
+}
+
+/// The chat-templated question followed by `answer` (the loss's part).
+fn chat_sequence(
+    engine: &Engine,
+    system_prompt: &str,
+    question: &str,
+    answer: &[u32],
+    is_target: bool,
+) -> Result<TrainSequence, EditorError> {
+    let mut tokens = templated(engine, system_prompt, question)?;
+    let answer_start = tokens.len();
+    tokens.extend_from_slice(answer);
+    Ok(TrainSequence {
+        tokens,
+        answer_start,
+        is_target,
+        exact: false,
+    })
+}
+
+/// Every shipped anchor question: the general ones, then the personal ones.
+fn shipped_anchor_questions() -> Vec<prompts::TaggedQuestion> {
+    prompts::general_anchors()
+        .into_iter()
+        .chain(prompts::personal_anchors())
+        .collect()
+}
+
+/// Which shipped anchors (indices into [`shipped_anchor_questions`]) an edit
+/// for `request` keeps: all but the personal ones about its own attribute,
+/// whose answers it is meant to change.
+fn shipped_anchors_kept(request: &EditRequest) -> Vec<usize> {
+    let general = prompts::general_anchors().len();
+    shipped_anchor_questions()
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| *i < general || !same_attribute(&a.attribute, &request.attribute))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The shipped anchors `kept` with the answers the engine's current adapter
+/// gives (greedy, `anchor_tokens` long), generated side by side, or `memo`'s
+/// when it holds them for `state` (the profile and settings they come from).
+fn answered_shipped(
+    memo: &mut Option<ShippedAnchors>,
+    engine: &mut Engine,
+    settings: &EditorSettings,
+    state: String,
+    kept: &[usize],
+) -> Result<Vec<TrainSequence>, EditorError> {
+    let kept_list: Vec<String> = kept.iter().map(usize::to_string).collect();
+    let state = format!("{state}\u{0}{}", kept_list.join(","));
+    if let Some(m) = memo.as_ref().filter(|m| m.state == state) {
+        tracing::debug!("anchor answers remembered");
+        return Ok(m.sequences.clone());
+    }
+    let started = Instant::now();
+    let sys = &settings.system_prompt;
+    let all = shipped_anchor_questions();
+    let questions: Vec<&prompts::TaggedQuestion> = kept.iter().map(|&i| &all[i]).collect();
+    // Side by side: one after another, every edit spent about 3 s more
+    // on these answers (docs/RESULTS.md, "Edit speed and memory").
+    let conversations: Vec<Vec<ChatMessage>> = questions
+        .iter()
+        .map(|q| vec![ChatMessage::system(sys), ChatMessage::user(&q.question)])
+        .collect();
+    let answers = engine.answer_all(&conversations, settings.anchor_tokens)?;
+    let mut sequences = Vec::new();
+    for (q, answer) in questions.iter().zip(answers) {
+        let answer: Vec<u32> = answer.iter().map(|&t| t as u32).collect();
+        sequences.push(chat_sequence(engine, sys, &q.question, &answer, false)?);
+    }
+    tracing::debug!(
+        anchors = sequences.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "anchor answers generated"
+    );
+    *memo = Some(ShippedAnchors {
+        state,
+        sequences: sequences.clone(),
+        keys: None,
+    });
+    Ok(sequences)
+}
+
+/// The shipped anchor questions alone, chat-templated up to the answer.
+fn question_shipped(
+    memo: &mut Option<ShippedAnchors>,
+    engine: &Engine,
+    settings: &EditorSettings,
+) -> Result<Vec<TrainSequence>, EditorError> {
+    let state = settings.system_prompt.clone();
+    if let Some(m) = memo.as_ref().filter(|m| m.state == state) {
+        return Ok(m.sequences.clone());
+    }
+    let sequences = shipped_anchor_questions()
+        .iter()
+        .map(|q| chat_sequence(engine, &state, &q.question, &[], false))
+        .collect::<Result<Vec<_>, _>>()?;
+    *memo = Some(ShippedAnchors {
+        state,
+        sequences: sequences.clone(),
+        keys: None,
+    });
+    Ok(sequences)
+}
+
+/// The layer-`layer` keys of every sequence `memo` holds, computed once per
+/// `key_state` (what besides the sequences they depend on).
+fn shipped_keys(
+    memo: &mut Option<ShippedAnchors>,
+    model: &LlamaModel,
+    layer: usize,
+    key_state: String,
+) -> Result<Option<ftm::AnchorKeys>, EditorError> {
+    let Some(m) = memo.as_mut() else {
+        return Ok(None);
+    };
+    if let Some((state, keys)) = &m.keys {
+        if *state == key_state {
+            tracing::debug!("shipped anchor keys remembered");
+            return Ok(Some(keys.clone()));
+        }
+    }
+    let started = Instant::now();
+    let keys = ftm::AnchorKeys::collect(model, &m.sequences, layer)?;
+    tracing::debug!(
+        anchors = m.sequences.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "shipped anchor keys collected"
+    );
+    m.keys = keys.clone().map(|k| (key_state, k));
+    Ok(keys)
 }
 
 /// `target` as the assistant's whole answer: its tokens and the end of turn.

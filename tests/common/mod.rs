@@ -2,7 +2,8 @@
 //! fetches it and exports its path as IMPRINT_TEST_MODEL.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The real model's path. Fails loudly (never skips) when it is missing.
 pub fn model_path() -> PathBuf {
@@ -31,4 +32,12 @@ pub fn engine_with_ctx(n_ctx: u32) -> imprint::engine::Engine {
 
 pub fn engine() -> imprint::engine::Engine {
     engine_with_ctx(2048)
+}
+
+/// The `imprint` binary with its data under `home`, so a test never reads
+/// or writes the real user's profile.
+pub fn imprint_at(home: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imprint"));
+    cmd.env("IMPRINT_HOME", home);
+    cmd
 }
