@@ -479,6 +479,22 @@ fn templated(engine: &imprint::engine::Engine, question: &str) -> Vec<u32> {
     engine.tokenize(&text).iter().map(|t| t.0 as u32).collect()
 }
 
+/// The chat-templated question alone, as a training sequence with no
+/// answer tokens (what key anchors are).
+fn question_only(
+    engine: &imprint::engine::Engine,
+    question: &str,
+    is_target: bool,
+) -> imprint::editor::ftm::TrainSequence {
+    let tokens = templated(engine, question);
+    imprint::editor::ftm::TrainSequence {
+        answer_start: tokens.len(),
+        tokens,
+        is_target,
+        exact: false,
+    }
+}
+
 /// candle's greedy next token after `tokens`.
 fn greedy_next(model: &imprint::editor::model::LlamaModel, tokens: &[u32]) -> u32 {
     let logits = model.logits(tokens).unwrap();
@@ -630,22 +646,10 @@ fn training_in_chunks_gives_the_edit_of_one_batch() {
 fn anchor_keys_rank_the_anchor_that_asks_what_the_request_asks_first() {
     use imprint::editor::ftm::{AnchorKeys, TrainSequence};
     use imprint::editor::model::LlamaModel;
-    use imprint::engine::ChatMessage;
 
     let engine = common::engine();
     let model = LlamaModel::load(&common::model_path()).unwrap();
-    let sequence = |q: &str, is_target: bool| -> TrainSequence {
-        let text = engine
-            .render(&[ChatMessage::system(SYSTEM), ChatMessage::user(q)])
-            .unwrap();
-        let tokens: Vec<u32> = engine.tokenize(&text).iter().map(|t| t.0 as u32).collect();
-        TrainSequence {
-            answer_start: tokens.len(),
-            tokens,
-            is_target,
-            exact: false,
-        }
-    };
+    let sequence = |q: &str, is_target: bool| question_only(&engine, q, is_target);
     let questions = [
         "What is the capital of Italy?",
         "What's my job?",
@@ -685,15 +689,7 @@ fn remembered_anchor_keys_give_the_rows_of_a_fresh_collection() {
 
     let engine = common::engine();
     let model = LlamaModel::load(&common::model_path()).unwrap();
-    let sequence = |q: &str| -> TrainSequence {
-        let tokens = templated(&engine, q);
-        TrainSequence {
-            answer_start: tokens.len(),
-            tokens,
-            is_target: false,
-            exact: false,
-        }
-    };
+    let sequence = |q: &str| question_only(&engine, q, false);
     let shipped: Vec<TrainSequence> = [
         "What is the capital of Italy?",
         "What's my job?",
